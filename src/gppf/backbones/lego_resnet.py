@@ -1,0 +1,187 @@
+"""LegoResNet: ResNet-18/50 whose residual-block inner widths are made of lego units.
+
+Following the torchvision layout (same module names), the stem, the residual stream, the last conv of
+each block and the downsample projections stay dense and shared. The inner widths (basic block: conv1
+out / conv2 in; bottleneck: conv1 out, conv2 in and out, conv3 in) are ``N`` legos of width
+``w = planes / k``. A task's active sub-network is therefore exactly a standard ResNet, which is what
+``gppf.transfer.extract_resnet`` produces.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gppf.backbones.base import BACKBONES, LegoBackbone
+from gppf.lego.layers import LegoBatchNorm2d, LegoConv2d
+from gppf.lego.router import TaskRouter, gate_channels, lego_channels
+
+RouteList = list[tuple[Tensor, Tensor | None]]
+
+
+def _downsample(inplanes: int, outplanes: int, stride: int) -> nn.Module | None:
+    if stride == 1 and inplanes == outplanes:
+        return None
+    return nn.Sequential(
+        nn.Conv2d(inplanes, outplanes, 1, stride=stride, bias=False), nn.BatchNorm2d(outplanes)
+    )
+
+
+class _LegoBlock(nn.Module):
+    """Shared helpers of the two block kinds."""
+
+    route_points: int
+    lego_width: int
+    legos: int
+    active: int
+
+    def _sel(self, route: tuple[Tensor, Tensor | None]) -> tuple[Tensor | None, Tensor | None]:
+        idx_K, gate_K = route
+        if self.legos == self.active and gate_K is None:
+            return None, None  # every lego active: the dense fast path
+        return lego_channels(idx_K, self.lego_width), gate_channels(gate_K, self.lego_width)
+
+
+class LegoBasicBlock(_LegoBlock):
+    """ResNet basic block with a lego inner width (one routing point)."""
+
+    expansion = 1
+    route_points = 1
+
+    def __init__(self, *, inplanes: int, planes: int, stride: int, legos: int, active: int) -> None:
+        super().__init__()
+        if planes % active:
+            raise ValueError(f"planes={planes} not divisible by active={active}")
+        self.legos, self.active, self.lego_width = legos, active, planes // active
+        mid = legos * self.lego_width
+        self.conv1 = LegoConv2d(in_channels=inplanes, out_channels=mid, kernel_size=3, stride=stride,
+                                padding=1, active_out_channels=planes)
+        self.bn1 = LegoBatchNorm2d(mid)
+        self.conv2 = LegoConv2d(in_channels=mid, out_channels=planes, kernel_size=3, padding=1)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = _downsample(inplanes, planes, stride)
+
+    def forward(self, x_BCHW: Tensor, routes: RouteList) -> Tensor:
+        ch, gate = self._sel(routes[0])
+        out = F.relu(self.bn1(self.conv1(x_BCHW, out_idx=ch), idx=ch, gate=gate))
+        out = self.bn2(self.conv2(out, in_idx=ch))
+        identity = x_BCHW if self.downsample is None else self.downsample(x_BCHW)
+        return F.relu(out + identity)
+
+
+class LegoBottleneck(_LegoBlock):
+    """ResNet bottleneck (stride on the 3x3, as torchvision) with two lego routing points."""
+
+    expansion = 4
+    route_points = 2
+
+    def __init__(self, *, inplanes: int, planes: int, stride: int, legos: int, active: int) -> None:
+        super().__init__()
+        if planes % active:
+            raise ValueError(f"planes={planes} not divisible by active={active}")
+        self.legos, self.active, self.lego_width = legos, active, planes // active
+        mid, out = legos * self.lego_width, planes * self.expansion
+        self.conv1 = LegoConv2d(in_channels=inplanes, out_channels=mid, kernel_size=1,
+                                active_out_channels=planes)
+        self.bn1 = LegoBatchNorm2d(mid)
+        self.conv2 = LegoConv2d(in_channels=mid, out_channels=mid, kernel_size=3, stride=stride,
+                                padding=1, active_out_channels=planes)
+        self.bn2 = LegoBatchNorm2d(mid)
+        self.conv3 = LegoConv2d(in_channels=mid, out_channels=out, kernel_size=1)
+        self.bn3 = nn.BatchNorm2d(out)
+        self.downsample = _downsample(inplanes, out, stride)
+
+    def forward(self, x_BCHW: Tensor, routes: RouteList) -> Tensor:
+        ch1, gate1 = self._sel(routes[0])
+        ch2, gate2 = self._sel(routes[1])
+        out = F.relu(self.bn1(self.conv1(x_BCHW, out_idx=ch1), idx=ch1, gate=gate1))
+        out = F.relu(self.bn2(self.conv2(out, in_idx=ch1, out_idx=ch2), idx=ch2, gate=gate2))
+        out = self.bn3(self.conv3(out, in_idx=ch2))
+        identity = x_BCHW if self.downsample is None else self.downsample(x_BCHW)
+        return F.relu(out + identity)
+
+
+class LegoResNet(LegoBackbone):
+    """ResNet with lego inner widths and a task router; features at strides 4, 8, 16, 32."""
+
+    def __init__(
+        self,
+        *,
+        block: type[_LegoBlock],
+        layers: Sequence[int],
+        tasks: Sequence[str],
+        legos: int = 8,
+        active: int = 2,
+        width_mult: float = 1.0,
+        router_kwargs: dict | None = None,
+        zero_init_residual: bool = True,
+    ) -> None:
+        super().__init__()
+        self.depth_layers, self.legos, self.active, self.width_mult = list(layers), legos, active, width_mult
+        self.block_type = block
+        stem = int(64 * width_mult)
+        self.conv1 = nn.Conv2d(3, stem, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(stem)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        inplanes, chans = stem, []
+        for i, (n, planes) in enumerate(zip(layers, (64, 128, 256, 512))):
+            planes = int(planes * width_mult)
+            blocks = []
+            for b in range(n):
+                stride = 2 if (i > 0 and b == 0) else 1
+                blocks.append(block(inplanes=inplanes, planes=planes, stride=stride, legos=legos, active=active))
+                inplanes = planes * block.expansion
+            setattr(self, f"layer{i + 1}", nn.ModuleList(blocks))
+            chans.append(inplanes)
+        self.feature_channels, self.feature_strides, self.pooled_dim = chans, [4, 8, 16, 32], chans[-1]
+        self.blocks: list[_LegoBlock] = [b for i in range(4) for b in getattr(self, f"layer{i + 1}")]
+        num_points = sum(b.route_points for b in self.blocks)
+        self.router = TaskRouter(tasks=tasks, num_layers=num_points, num_legos=legos, active=active,
+                                 **(router_kwargs or {}))
+        self._init_weights(zero_init_residual)
+
+    def _init_weights(self, zero_init_residual: bool) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        if zero_init_residual:
+            for b in self.blocks:
+                last = b.bn3 if isinstance(b, LegoBottleneck) else b.bn2
+                nn.init.zeros_(last.weight)
+
+    def forward_features(self, x_BCHW: Tensor, task: str) -> list[Tensor]:
+        route = self.router(task)
+        x = self.maxpool(F.relu(self.bn1(self.conv1(x_BCHW))))
+        outs, point = [], 0
+        for i in range(4):
+            for blk in getattr(self, f"layer{i + 1}"):
+                routes = [route.layer(point + j) for j in range(blk.route_points)]
+                x = blk(x, routes)
+                point += blk.route_points
+            outs.append(x)
+        return outs
+
+    def pool(self, pyramid: list[Tensor]) -> Tensor:
+        return torch.flatten(F.adaptive_avg_pool2d(pyramid[-1], 1), 1)
+
+
+
+@BACKBONES.register("gppf_r18")
+def gppf_r18(*, tasks: Sequence[str], legos: int = 8, active: int = 2, width_mult: float = 1.0,
+             router: dict | None = None) -> LegoResNet:
+    """GPPF-R18: ResNet-18 depth, lego basic blocks."""
+    return LegoResNet(block=LegoBasicBlock, layers=[2, 2, 2, 2], tasks=tasks, legos=legos, active=active,
+                      width_mult=width_mult, router_kwargs=router)
+
+
+@BACKBONES.register("gppf_r50")
+def gppf_r50(*, tasks: Sequence[str], legos: int = 16, active: int = 4, width_mult: float = 1.0,
+             router: dict | None = None) -> LegoResNet:
+    """GPPF-R50: ResNet-50 depth, lego bottlenecks."""
+    return LegoResNet(block=LegoBottleneck, layers=[3, 4, 6, 3], tasks=tasks, legos=legos, active=active,
+                      width_mult=width_mult, router_kwargs=router)

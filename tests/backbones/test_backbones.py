@@ -1,0 +1,69 @@
+"""Every registered backbone runs forward and backward at tiny size; only selected legos learn."""
+import pytest
+import torch
+
+import gppf
+from gppf.backbones import BACKBONES, Features
+from gppf.lego.layers import LegoConv2d
+from gppf.registry import RegistryError
+
+TINY = {
+    "gppf_r18": dict(legos=4, active=2, width_mult=0.25),
+    "gppf_r50": dict(legos=4, active=2, width_mult=0.125),
+    "gppf_vit_tiny": dict(legos=6, active=3, depth=2, image_size=64, patch_size=8),
+    "gppf_vit_small": dict(legos=4, active=2, depth=1, image_size=32, patch_size=8, width_mult=0.25),
+    "gppf_vit_base": dict(legos=8, active=4, depth=1, image_size=32, patch_size=8, width_mult=0.125),
+}
+
+
+@pytest.mark.parametrize("name", BACKBONES.names())
+def test_forward_backward_tiny(name):
+    assert name in TINY, f"add a tiny setting for new backbone {name}"
+    bb = gppf.create_backbone(name, tasks=["a", "b"], **TINY[name])
+    x = torch.randn(2, 3, 64, 48)
+    feats = bb(x, "a")
+    assert isinstance(feats, Features)
+    assert [p.shape[1] for p in feats.pyramid] == bb.feature_channels
+    for p, s in zip(feats.pyramid, bb.feature_strides):
+        assert abs(p.shape[-2] - 64 / s) < 1 and abs(p.shape[-1] - 48 / s) < 1
+    assert feats.pooled.shape == (2, bb.pooled_dim)
+    loss = sum(p.float().mean() for p in feats.pyramid) + feats.pooled.mean()
+    loss.backward()
+    assert bb.router.logits_TLN.grad is not None
+    assert torch.isfinite(bb.router.logits_TLN.grad).all()
+    assert bb.forward_pooled(x, "b").shape == (2, bb.pooled_dim)
+
+
+def test_unknown_backbone_and_duplicate_registration():
+    with pytest.raises(RegistryError, match="did you mean 'gppf_r50'"):
+        gppf.create_backbone("gppf_r5O")
+    with pytest.raises(RegistryError, match="already registered"):
+        BACKBONES.add("gppf_r18", lambda **kw: None)
+
+
+@pytest.mark.parametrize("name", ["gppf_r18", "gppf_r50", "gppf_vit_tiny"])
+def test_only_selected_legos_receive_gradient(name):
+    bb = gppf.create_backbone(name, tasks=["a", "b"], **TINY[name])
+    bb.router.fix_route("a", [[0, 1] if bb.active == 2 else [0, 1, 2]] * bb.router.num_layers)
+    pooled = bb(torch.randn(2, 3, 64, 64), "a").pooled
+    (pooled * torch.randn_like(pooled)).sum().backward()  # (a plain sum of a LayerNorm output has zero gradient)
+    checked = 0
+    for mod in bb.modules():
+        w = getattr(mod, "lego_width", None)
+        if w is None or not hasattr(mod, "legos"):
+            continue
+        for conv in [m for m in mod.children() if isinstance(m, LegoConv2d)]:
+            g = conv.weight.grad
+            out_routed = conv.out_channels == mod.legos * w
+            if out_routed:
+                assert g[bb.active * w:].abs().sum() == 0
+                checked += 1
+    if name.startswith("gppf_vit"):
+        blk = bb.layers[0]
+        w = blk.mlp.lego_width
+        assert blk.mlp.fc1.weight.grad[3 * w:].abs().sum() == 0
+        assert blk.mlp.fc1.weight.grad[: 3 * w].abs().sum() > 0
+        wa = blk.self_attention.lego_width
+        assert blk.self_attention.out_proj.weight.grad[:, 3 * wa:].abs().sum() == 0
+        checked += 1
+    assert checked > 0
