@@ -1,0 +1,215 @@
+"""The ``gppf`` command line: pretrain, finetune, eval, extract, export, bench, data, inspect."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Callable
+
+DEFAULT_RECIPE = "default.yaml"
+
+
+def default_config_path() -> Path:
+    """The packaged built-in recipe (six tasks over the built-in synthetic domains)."""
+    return Path(str(resources.files("gppf") / "configs" / DEFAULT_RECIPE))
+
+
+def _load(config: str | None, overrides: list[str]):
+    from gppf.config import load_config
+
+    return load_config(config or default_config_path(), overrides)
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from gppf.engine.trainer import train
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        config = args.config or str(run_dir / "config.yaml")
+        cfg = _load(config, args.overrides)
+    else:
+        cfg = _load(args.config, args.overrides)
+        run_dir = Path(args.out)
+    metrics = train(cfg, run_dir=run_dir, resume=bool(args.resume))
+    _print_summary(metrics, run_dir)
+    return 0
+
+
+def _print_summary(metrics: dict[str, float], run_dir: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"validation metrics ({run_dir})")
+    for col in ("metric", "value", "chance"):
+        table.add_column(col)
+    for key, value in metrics.items():
+        if "/chance/" in key:
+            continue
+        task, name = key.split("/", 1)
+        chance = metrics.get(f"{task}/chance/{name}")
+        table.add_row(key, f"{value:.4f}", "" if chance is None else f"{chance:.4f}")
+    Console().print(table)
+    print(f"report: {run_dir / 'report' / 'index.html'}")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from gppf.engine.trainer import build_run, evaluate
+
+    run_dir = Path(args.run)
+    cfg = _load(args.config or str(run_dir / "config.yaml"), args.overrides)
+    run = build_run(cfg, run_dir=run_dir, resume=True)
+    metrics = evaluate(run)
+    print(json.dumps(metrics, indent=1) if args.json else "")
+    if not args.json:
+        _print_summary(metrics, run_dir)
+    return 0
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from safetensors.torch import save_file
+
+    from gppf.engine.trainer import build_run
+    from gppf.transfer.extract import extract
+
+    run_dir = Path(args.run)
+    cfg = _load(str(run_dir / "config.yaml"), [])
+    run = build_run(cfg, run_dir=run_dir, resume=True)
+    dense = extract(run.model.backbone, args.task)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in dense.state_dict().items()}, str(out))
+    print(f"wrote {type(dense).__name__} weights of task '{args.task}' to {out}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    import gppf.tasks  # noqa: F401
+    from gppf.backbones import list_backbones
+    from gppf.data.base import READERS
+    from gppf.tasks import TASK_TYPES
+
+    what = args.what
+    if what == "backbones":
+        print("\n".join(list_backbones()))
+    elif what == "tasks":
+        print("\n".join(TASK_TYPES.names()))
+    elif what == "readers":
+        import gppf.data.readers  # noqa: F401
+        import gppf.data.synthetic  # noqa: F401
+
+        print("\n".join(READERS.names()))
+    elif what == "config":
+        from gppf.config import to_dict
+
+        print(json.dumps(to_dict(_load(args.config, args.overrides)), indent=1))
+    else:
+        routes = Path(what) / "routes.json"
+        if not routes.is_file():
+            print(f"gppf inspect: '{what}' is not backbones|tasks|readers|config or a run directory", file=sys.stderr)
+            return 2
+        print(routes.read_text())
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.which == "lego":
+        from gppf.bench.lego import main_lego
+
+        return main_lego(args.rest)
+    from gppf.bench.simt import main_simt
+
+    return main_simt(args.rest)
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    if args.action == "check":
+        from gppf.data.check import main_check
+
+        return main_check(args.config, args.overrides)
+    from gppf.data.paste import main_paste
+
+    return main_paste(args.rest)
+
+
+def not_implemented(name: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        print(f"gppf {name}: not implemented yet (planned in the sparse-transfer work)", file=sys.stderr)
+        return 2
+
+    return run
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="run config YAML (default: the built-in recipe)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=100")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gppf", description="General perception pre-training with lego backbones.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("pretrain", help="SIMT multi-task pre-training (default: built-in recipe)")
+    _add_config_args(p)
+    p.add_argument("--out", default="runs/pretrain", help="run directory")
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    p.set_defaults(func=cmd_pretrain)
+    p = sub.add_parser("eval", help="evaluate a run's last checkpoint on every task's validation split")
+    p.add_argument("run", help="run directory")
+    _add_config_args(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("extract", help="extract one task's route as a plain dense model (safetensors)")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--task", required=True)
+    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.set_defaults(func=cmd_extract)
+    for name, text in (("finetune", "sparse transfer to a downstream task"), ("export", "export a dense model")):
+        p = sub.add_parser(name, help=f"{text} (not implemented yet)")
+        p.add_argument("args", nargs="*")
+        p.set_defaults(func=not_implemented(name))
+    p = sub.add_parser("bench", help="benchmarks printing JSON: lego | simt")
+    p.add_argument("which", choices=["lego", "simt"])
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark (--json, --quick, ...)")
+    p.set_defaults(func=cmd_bench)
+    p = sub.add_parser("data", help="data tools: check <config> | paste ...")
+    p.add_argument("action", choices=["check", "paste"])
+    p.add_argument("config", nargs="?", help="config to check (check)")
+    p.add_argument("overrides", nargs="*", default=[])
+    p.set_defaults(func=cmd_data, rest=[])
+    p = sub.add_parser("inspect", help="list backbones|tasks|readers, show config, or a run's routes")
+    p.add_argument("what")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["data", "paste"]:
+        from gppf.data.paste import main_paste
+
+        return main_paste(argv[2:])
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except Exception as exc:  # clear one-line errors for user mistakes
+        from gppf.config import ConfigError
+        from gppf.data.base import DataError
+
+        known: tuple[type[BaseException], ...] = (ConfigError, DataError, FileNotFoundError)
+        try:
+            from gppf.engine.checkpoint import CheckpointError
+            from gppf.engine.trainer import TrainError
+
+            known += (TrainError, CheckpointError)
+        except ImportError:
+            pass
+        if isinstance(exc, known):
+            print(f"gppf {args.command}: error: {exc}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""Infinite, resumable per-task data streams (training counts iterations, not epochs).
+
+Every task has its own seeded sampler. Batches are drawn from a per-epoch permutation of the task's
+dataset; the *global* batch of a step is the same on every rank and each rank that trains the task
+takes its shard. Each sample also carries its own augmentation seed, so augmentation does not depend
+on worker processes and a resumed run sees exactly the same samples and augmentations.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+
+class ResumableBatchSampler:
+    """Yields batches of ``(index, sample_seed)`` forever; position = (epoch, batch in epoch)."""
+
+    def __init__(self, *, size: int, batch_size: int, seed: int, shard: tuple[int, int] = (0, 1),
+                 drop_last: bool = True, epoch: int = 0, batch_in_epoch: int = 0) -> None:
+        if size <= 0:
+            raise ValueError("cannot sample from an empty dataset")
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.shard_index, self.shard_count = shard
+        self.drop_last = drop_last and size >= batch_size
+        self.epoch, self.batch_in_epoch = epoch, batch_in_epoch
+
+    def batches_per_epoch(self) -> int:
+        return self.size // self.batch_size if self.drop_last else -(-self.size // self.batch_size)
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.size, generator=g)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch, b = self.epoch, self.batch_in_epoch
+        while True:
+            perm = self._perm(epoch)
+            while b < self.batches_per_epoch():
+                idx = perm[b * self.batch_size:(b + 1) * self.batch_size]
+                if len(idx) < self.batch_size:  # last partial batch wraps to the start
+                    idx = torch.cat([idx, perm[: self.batch_size - len(idx)]])
+                base = (self.seed * 7919 + epoch) * 1_000_000 + b * self.batch_size
+                batch = [(int(i), base + j) for j, i in enumerate(idx.tolist())]
+                yield batch[self.shard_index::self.shard_count]
+                b += 1
+            epoch, b = epoch + 1, 0
+
+
+class SeededDataset(Dataset):
+    """Runs ``dataset[index]`` under a per-sample RNG seed (deterministic augmentation)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, item: tuple[int, int]) -> Any:
+        index, seed = item
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.dataset[index]
+
+
+class TaskStream:
+    """An infinite iterator of collated batches for one task, with a resumable position."""
+
+    def __init__(self, *, dataset: Dataset, collate: Callable, batch_size: int, seed: int,
+                 shard: tuple[int, int] = (0, 1), num_workers: int = 0, position: dict | None = None) -> None:
+        pos = position or {"epoch": 0, "batch_in_epoch": 0}
+        self.sampler = ResumableBatchSampler(size=len(dataset), batch_size=batch_size, seed=seed,  # type: ignore[arg-type]
+                                             shard=shard, epoch=pos["epoch"], batch_in_epoch=pos["batch_in_epoch"])
+        self.consumed = 0
+        self._start = (pos["epoch"], pos["batch_in_epoch"])
+        self.loader = DataLoader(SeededDataset(dataset), batch_sampler=self.sampler, collate_fn=collate,
+                                 num_workers=num_workers, persistent_workers=num_workers > 0,
+                                 prefetch_factor=4 if num_workers > 0 else None)
+        self._it: Iterator | None = None
+
+    def __next__(self) -> Any:
+        if self._it is None:
+            self._it = iter(self.loader)
+        batch = next(self._it)
+        self.consumed += 1
+        return batch
+
+    def position(self) -> dict[str, int]:
+        """Where the *consumed* stream stands (prefetched batches do not count)."""
+        per_epoch = self.sampler.batches_per_epoch()
+        total = self._start[0] * per_epoch + self._start[1] + self.consumed
+        return {"epoch": total // per_epoch, "batch_in_epoch": total % per_epoch}

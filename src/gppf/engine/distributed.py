@@ -1,0 +1,157 @@
+"""Hang-free distributed training: fixed-order flat all-reduce of every gradient, and a task planner.
+
+Every rank issues the same collectives in the same order: after its local backward, each rank
+all-reduces the gradients of *all* parameters (zeros where it did not use them) in fixed flat buckets.
+No rank ever skips a collective, so legos or heads that are unused on some ranks can never deadlock
+(the failure mode of DDP with ``find_unused_parameters``). A task's loss on a rank is scaled by
+``local_count / global_count`` of that task's global batch, so the SUM all-reduce yields exactly the
+gradient of the global-batch mean, whatever the split of tasks over ranks.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(*, backend: str = "auto") -> DistInfo:
+    """Join the torchrun process group if launched by torchrun (``WORLD_SIZE`` > 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        if backend == "auto":
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(local)
+        dist.init_process_group(backend=backend)
+    return DistInfo(rank=rank, world=world, local_rank=local)
+
+
+def shutdown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def plan_tasks(*, tasks: list[str], costs: dict[str, float], world: int, planner: str) -> dict[str, list[int]]:
+    """Ranks that train each task. ``all``: every rank trains every task. ``groups``: ranks are split
+    into task groups in proportion to task cost (e.g. batch x pixels x loss weight); each task gets at
+    least one rank, and with fewer ranks than tasks several tasks share a rank (cheapest-load first)."""
+    if planner == "all" or world == 1:
+        return {t: list(range(world)) for t in tasks}
+    if world < len(tasks):
+        load = [0.0] * world
+        plan: dict[str, list[int]] = {}
+        for t in sorted(tasks, key=lambda t: -costs[t]):
+            r = min(range(world), key=lambda i: load[i])
+            plan[t], load[r] = [r], load[r] + costs[t]
+        return plan
+    total = sum(costs.values())
+    share = {t: max(1, math.floor(world * costs[t] / total)) for t in tasks}
+    while sum(share.values()) > world:
+        share[max(share, key=lambda t: share[t])] -= 1
+    for t in sorted(tasks, key=lambda t: -costs[t] / share[t]):
+        if sum(share.values()) == world:
+            break
+        share[t] += 1
+    plan, start = {}, 0
+    for t in tasks:
+        plan[t] = list(range(start, start + share[t]))
+        start += share[t]
+    return plan
+
+
+class GradSync:
+    """Sums every parameter's gradient over ranks in fixed flat buckets (zeros for unused params)."""
+
+    def __init__(self, *, params: list[nn.Parameter], info: DistInfo, bucket_mb: float = 25.0) -> None:
+        self.info = info
+        self.params = params
+        for p in params:  # every parameter owns a gradient buffer from the start
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        self.buckets: list[list[nn.Parameter]] = []
+        limit, cur, size = bucket_mb * 2**20, [], 0
+        for p in params:
+            cur.append(p)
+            size += p.numel() * p.element_size()
+            if size >= limit:
+                self.buckets.append(cur)
+                cur, size = [], 0
+        if cur:
+            self.buckets.append(cur)
+
+    def __call__(self) -> None:
+        if not self.info.enabled:
+            return
+        for bucket in self.buckets:
+            grads = [p.grad for p in bucket]
+            flat = torch._utils._flatten_dense_tensors(grads)
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+                g.copy_(synced)
+
+
+class BufferSync:
+    """Merges BatchNorm running statistics across ranks before eval and checkpoints.
+
+    A rank only updates the statistics of the legos its tasks used. Each element that changed since
+    the last sync is averaged over the ranks that changed it; untouched elements keep their value.
+    """
+
+    def __init__(self, *, module: nn.Module, info: DistInfo) -> None:
+        self.info = info
+        self.buffers = [b for b in module.buffers() if b.is_floating_point()]
+        self.snapshot = [b.detach().clone() for b in self.buffers]
+
+    def __call__(self) -> None:
+        if not self.info.enabled:
+            return
+        for buf, snap in zip(self.buffers, self.snapshot):
+            changed = (buf != snap).to(buf.dtype)
+            stacked = torch.stack([buf * changed, changed])
+            dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
+            merged = torch.where(stacked[1] > 0, stacked[0] / stacked[1].clamp_min(1), snap)
+            buf.copy_(merged)
+            snap.copy_(merged)
+
+
+def all_reduce_scalars(values: dict[str, float], info: DistInfo) -> dict[str, float]:
+    """Sum a dict of floats over ranks (same keys on every rank, sorted order)."""
+    if not info.enabled or not values:
+        return dict(values)
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return dict(zip(keys, t.tolist()))
+
+
+def broadcast_flag(flag: bool, info: DistInfo) -> bool:
+    """True on every rank if any rank says True."""
+    if not info.enabled:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+

@@ -1,0 +1,43 @@
+"""The multi-task model: one lego backbone shared by every task, one head per task."""
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from gppf.backbones.base import Features, LegoBackbone
+
+
+class MultiTaskModel(nn.Module):
+    """``backbone`` routed per task plus ``heads[task]``; ``forward`` returns the head's raw outputs."""
+
+    def __init__(self, *, backbone: LegoBackbone, heads: dict[str, nn.Module]) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.heads = nn.ModuleDict(heads)
+
+    def features(self, images_BCHW: Tensor, task: str) -> Features:
+        return self.backbone(images_BCHW, task)
+
+    def forward(self, images_BCHW: Tensor, task: str) -> Any:
+        return self.heads[task](self.backbone(images_BCHW, task))
+
+    def param_groups(self, *, lr: float, weight_decay: float, router_lr_mult: float) -> list[dict]:
+        """Optimizer groups: weights with decay, norms/biases without, router logits with their own lr."""
+        decay, no_decay, router = [], [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            if name.startswith("backbone.router."):
+                router.append(p)
+            elif p.ndim <= 1 or name.endswith(".bias") or "token" in name or "pos_embedding" in name:
+                no_decay.append(p)
+            else:
+                decay.append(p)
+        groups = [
+            {"params": decay, "weight_decay": weight_decay, "lr": lr, "name": "decay"},
+            {"params": no_decay, "weight_decay": 0.0, "lr": lr, "name": "no_decay"},
+        ]
+        if router:
+            groups.append({"params": router, "weight_decay": 0.0, "lr": lr * router_lr_mult, "name": "router"})
+        return groups

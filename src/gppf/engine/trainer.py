@@ -1,0 +1,302 @@
+"""`gppf pretrain`: build a run from its config, train it with the SIMT step, evaluate, checkpoint.
+
+Side effects (logging, TensorBoard, progress, checkpoints, report) stay here; the optimisation
+itself is ``gppf.engine.simt.SIMTStep``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+import gppf.tasks  # noqa: F401  (registers task types)
+from gppf.backbones import create_backbone
+from gppf.config import RunConfig, save_config
+from gppf.engine import checkpoint as ckpt
+from gppf.engine.data import TaskStream
+from gppf.engine.distributed import BufferSync, DistInfo, GradSync, init_distributed, plan_tasks
+from gppf.engine.logging import MetricsLogger, Progress
+from gppf.engine.model import MultiTaskModel
+from gppf.engine.simt import SIMTStep, StepResult
+from gppf.engine.weighting import build_weighting
+from gppf.tasks import Task, build_task
+
+
+class TrainError(RuntimeError):
+    """A run cannot start or continue; the message says which task or file is at fault."""
+
+
+@dataclass
+class Run:
+    """Everything a training run holds."""
+
+    cfg: RunConfig
+    run_dir: Path
+    info: DistInfo
+    device: torch.device
+    model: MultiTaskModel
+    tasks: dict[str, Task]
+    plan: dict[str, list[int]]
+    weighting: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    step_fn: SIMTStep
+    streams: dict[str, TaskStream]
+    buffer_sync: BufferSync
+    start_step: int = 0
+
+
+def resolve_device(name: str, info: DistInfo) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int, *, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def build_tasks(cfg: RunConfig, *, feature_channels: list[int], pooled_dim: int) -> dict[str, Task]:
+    """Build every task; a task that fails to load is named before training starts."""
+    if not cfg.tasks:
+        raise TrainError("the config lists no tasks (add a 'tasks:' section)")
+    tasks = {}
+    for tc in cfg.tasks:
+        try:
+            task = build_task(tc, feature_channels=feature_channels, pooled_dim=pooled_dim)
+        except Exception as exc:  # noqa: BLE001 - re-raised with the task named
+            raise TrainError(f"task '{tc.name}' ({tc.type}, {tc.data.format}) failed to load: {exc}") from exc
+        if len(task.train_set) == 0:
+            raise TrainError(f"task '{tc.name}': training split is empty (dataset runs dry)")
+        if len(task.val_set) == 0:
+            raise TrainError(f"task '{tc.name}': validation split is empty")
+        tasks[tc.name] = task
+    return tasks
+
+
+def build_model(cfg: RunConfig) -> MultiTaskModel:
+    m = cfg.model
+    router = {"mode": m.router.mode, "mi_weight": m.router.mi_weight, "balance_weight": m.router.balance_weight,
+              "tau_start": m.router.tau_start, "tau_end": m.router.tau_end, "init_std": m.router.init_std,
+              "fixed_routes": {t.name: t.route for t in cfg.tasks if t.route is not None}, "seed": cfg.train.seed}
+    extra = {"width_mult": m.width_mult} if m.width_mult != 1.0 else {}
+    backbone = create_backbone(m.backbone, tasks=[t.name for t in cfg.tasks], legos=m.legos, active=m.active,
+                               router=router, **extra)
+    return MultiTaskModel(backbone=backbone, heads={})
+
+
+def _optimizer(cfg: RunConfig, model: MultiTaskModel, weighting: torch.nn.Module) -> torch.optim.Optimizer:
+    t = cfg.train
+    groups = model.param_groups(lr=t.lr, weight_decay=t.weight_decay, router_lr_mult=cfg.model.router.router_lr_mult)
+    extra = [p for p in weighting.parameters() if p.requires_grad]
+    if extra:
+        groups.append({"params": extra, "weight_decay": 0.0, "lr": t.lr, "name": "loss_weighting"})
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, nesterov=True)
+    return torch.optim.AdamW(groups, lr=t.lr)
+
+
+def _scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+    warm, total = cfg.train.warmup_steps, max(cfg.train.steps, 1)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _task_cost(task: Task) -> float:
+    return task.cfg.batch_size * task.cfg.image_size**2 * max(task.cfg.loss_weight, 1e-3)
+
+
+def _streams(cfg: RunConfig, tasks: dict[str, Task], plan: dict[str, list[int]], info: DistInfo,
+             positions: dict[str, dict] | None) -> dict[str, TaskStream]:
+    """This rank's infinite stream of each task it trains (its shard of the task's global batch)."""
+    streams = {}
+    for i, (name, task) in enumerate(tasks.items()):
+        ranks = plan[name]
+        if info.rank not in ranks:
+            continue
+        if task.cfg.batch_size < len(ranks):
+            raise TrainError(f"task '{name}': batch_size {task.cfg.batch_size} < {len(ranks)} ranks training it")
+        workers = task.cfg.num_workers if task.cfg.num_workers is not None else cfg.train.num_workers
+        streams[name] = TaskStream(dataset=task.train_set, collate=task.collate, batch_size=task.cfg.batch_size,
+                                   seed=cfg.train.seed * 1000 + i, shard=(ranks.index(info.rank), len(ranks)),
+                                   num_workers=workers, position=(positions or {}).get(name))
+    return streams
+
+
+def build_run(cfg: RunConfig, *, run_dir: Path, resume: bool) -> Run:
+    """Construct model, tasks, optimizer, streams and the SIMT step; restore a checkpoint if asked."""
+    info = init_distributed(backend=cfg.dist.backend)
+    seed_everything(cfg.train.seed, deterministic=cfg.train.deterministic)
+    device = resolve_device(cfg.train.device, info)
+    model = build_model(cfg)
+    tasks = build_tasks(cfg, feature_channels=model.backbone.feature_channels, pooled_dim=model.backbone.pooled_dim)
+    for name, task in tasks.items():
+        model.heads[name] = task.head
+    model.to(device)
+    if cfg.train.channels_last:
+        model.to(memory_format=torch.channels_last)
+    weighting = build_weighting(cfg.train.loss_weighting, tasks=list(tasks),
+                                static_weights={n: t.cfg.loss_weight for n, t in tasks.items()}).to(device)
+    optimizer = _optimizer(cfg, model, weighting)
+    scheduler = _scheduler(cfg, optimizer)
+    plan = plan_tasks(tasks=list(tasks), costs={n: _task_cost(t) for n, t in tasks.items()},
+                      world=info.world, planner=cfg.dist.planner)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    start, positions = 0, None
+    latest = ckpt.find_latest(run_dir) if resume else None
+    if resume and latest is None:
+        raise TrainError(f"--resume: no checkpoint found under {run_dir / 'checkpoints'}")
+    if latest is not None:
+        start, state, rng = ckpt.load_checkpoint(latest, model=model, optimizer=optimizer, scheduler=scheduler,
+                                                 extra_modules={"weighting": weighting})
+        positions = state.get("positions", {}).get(str(info.rank))
+        ckpt.restore_rng(rng)
+    streams = _streams(cfg, tasks, plan, info, positions)
+    amp = torch.bfloat16 if cfg.train.amp == "bf16" else None
+    step_fn = SIMTStep(model=model, streams=streams, losses={n: t.head.loss for n, t in tasks.items() if n in streams},
+                       global_batch={n: t.cfg.batch_size for n, t in tasks.items()}, weighting=weighting,
+                       optimizer=optimizer, scheduler=scheduler, grad_sync=GradSync(params=params, info=info),
+                       info=info, device=device, grad_clip=cfg.train.grad_clip, amp_dtype=amp,
+                       channels_last=cfg.train.channels_last)
+    return Run(cfg=cfg, run_dir=run_dir, info=info, device=device, model=model, tasks=tasks, plan=plan,
+               weighting=weighting, optimizer=optimizer, scheduler=scheduler, step_fn=step_fn, streams=streams,
+               buffer_sync=BufferSync(module=model, info=info), start_step=start)
+
+
+@torch.no_grad()
+def evaluate(run: Run) -> dict[str, float]:
+    """Every task's metrics on its held-out validation split (main rank), plus chance levels."""
+    model, out = run.model, {}
+    model.eval()
+    amp = torch.bfloat16 if run.cfg.train.amp == "bf16" else None
+    for name, task in run.tasks.items():
+        metric = task.new_metric()
+        loader = DataLoader(task.val_set, batch_size=task.cfg.eval_batch_size or task.cfg.batch_size,
+                            shuffle=False, collate_fn=task.collate, num_workers=0)
+        for batch in loader:
+            batch = batch.to(run.device, channels_last=run.cfg.train.channels_last)
+            with torch.autocast(run.device.type, dtype=amp, enabled=amp is not None):
+                outputs = model(batch.images, name)
+            metric.update(task.head.predict(_float(outputs), batch), batch)
+        out.update({f"{name}/{k}": float(v) for k, v in metric.compute().items()})
+        out.update({f"{name}/chance/{k}": float(v) for k, v in task.chance().items()})
+    model.train()
+    return out
+
+
+def _float(outputs: Any) -> Any:
+    if isinstance(outputs, torch.Tensor):
+        return outputs.float()
+    if isinstance(outputs, dict):
+        return {k: _float(v) for k, v in outputs.items()}
+    if isinstance(outputs, (list, tuple)):
+        return type(outputs)(_float(v) for v in outputs)
+    return outputs
+
+
+def save(run: Run, step: int) -> None:
+    """Merge BN statistics over ranks, gather sampler positions, write a checkpoint (main rank)."""
+    run.buffer_sync()
+    positions = _gather_positions(run)
+    if run.info.is_main:
+        ckpt.save_checkpoint(run.run_dir, step=step, model=run.model, optimizer=run.optimizer,
+                             scheduler=run.scheduler, extra_modules={"weighting": run.weighting},
+                             state={"positions": positions, "world": run.info.world},
+                             rng=ckpt.capture_rng(), keep_last=run.cfg.train.keep_last)
+
+
+def _gather_positions(run: Run) -> dict[str, dict]:
+    mine = {n: s.position() for n, s in run.streams.items()}
+    if not run.info.enabled:
+        return {"0": mine}
+    import torch.distributed as dist
+
+    everyone: list[Any] = [None] * run.info.world
+    dist.all_gather_object(everyone, mine)
+    return {str(r): p for r, p in enumerate(everyone)}
+
+
+def _write_routes(run: Run) -> None:
+    router = run.model.backbone.router
+    (run.run_dir / "routes.json").write_text(json.dumps(router.routes(), indent=1))
+    meta = {"tasks": router.tasks, "num_layers": router.num_layers, "num_legos": router.num_legos,
+            "active": router.active, "primary_metric": {n: t.primary_metric for n, t in run.tasks.items()},
+            "backbone": run.cfg.model.backbone}
+    (run.run_dir / "router.json").write_text(json.dumps(meta, indent=1))
+
+
+def train(cfg: RunConfig, *, run_dir: Path, resume: bool = False) -> dict[str, float]:
+    """Run (or resume) a SIMT pre-training; returns the final validation metrics."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run = build_run(cfg, run_dir=run_dir, resume=resume)
+    if run.info.is_main:
+        save_config(cfg, run_dir / "config.yaml")
+    logger = MetricsLogger(run_dir=run_dir, enabled=run.info.is_main, append=resume)
+    progress = Progress(total=cfg.train.steps, start=run.start_step, enabled=run.info.is_main and cfg.train.progress)
+    bad_streak, metrics = 0, {}
+    try:
+        for step in range(run.start_step, cfg.train.steps):
+            run.model.backbone.router.set_progress(step / max(1, cfg.train.steps))
+            t0 = time.perf_counter()
+            result = run.step_fn(step)
+            bad_streak = _check_bad(result, bad_streak, cfg.train.max_bad_steps, logger)
+            logger.train(result, lr=run.optimizer.param_groups[0]["lr"], seconds=time.perf_counter() - t0,
+                         every=cfg.train.log_every)
+            progress.update(result, seconds=time.perf_counter() - t0)
+            done = step + 1
+            if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < cfg.train.steps:
+                metrics = _eval_and_log(run, logger, done)
+            if cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0:
+                save(run, done)
+        progress.close()
+        metrics = _eval_and_log(run, logger, cfg.train.steps)
+        save(run, cfg.train.steps)
+        if run.info.is_main:
+            _write_routes(run)
+            from gppf.engine.report import write_report
+
+            write_report(run_dir)
+    finally:
+        progress.close()
+        logger.close()
+    return metrics
+
+
+def _eval_and_log(run: Run, logger: MetricsLogger, step: int) -> dict[str, float]:
+    run.buffer_sync()
+    metrics = evaluate(run) if run.info.is_main else {}
+    logger.val(step, metrics)
+    if run.info.enabled:
+        import torch.distributed as dist
+
+        dist.barrier()
+    return metrics
+
+
+def _check_bad(result: StepResult, streak: int, limit: int, logger: MetricsLogger) -> int:
+    if not result.skipped:
+        return 0
+    streak += 1
+    logger.warn(f"step {result.step}: non-finite loss from {', '.join(result.bad_tasks)}; step skipped "
+                f"({streak} in a row, limit {limit})")
+    if streak >= limit:
+        raise TrainError(f"stopping: {streak} consecutive steps with non-finite loss "
+                         f"(last from task(s) {', '.join(result.bad_tasks)}); lower train.lr or check the data")
+    return streak

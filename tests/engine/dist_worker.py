@@ -1,0 +1,58 @@
+"""Worker for the distributed gradient-equality test (run under torchrun, or alone for the reference).
+
+Builds a tiny two-task run whose tasks have disjoint fixed routes, takes ONE SIMT step, and saves every
+parameter's gradient as seen by the optimizer (after the cross-rank sync) from rank 0.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from gppf.config import load_config
+from gppf.engine.trainer import build_run
+
+
+def tiny_config(planner: str, out: str):
+    task = lambda name, domain: {  # noqa: E731
+        "name": name, "type": "classification", "batch_size": 8, "image_size": 32, "augment": False,
+        "data": {"format": "synthetic", "options": {"domain": domain, "size": 32, "num_train": 64, "num_val": 16}},
+    }
+    base = {
+        "model": {"backbone": "gppf_r18", "legos": 4, "active": 2, "width_mult": 0.125},
+        "tasks": [task("a", "flat") | {"route": [[0, 1]] * 8}, task("b", "textured") | {"route": [[2, 3]] * 8}],
+        "train": {"steps": 1, "amp": "none", "channels_last": False, "progress": False, "warmup_steps": 0,
+                  "checkpoint_every": 0, "grad_clip": 0.0},
+        "dist": {"planner": planner, "backend": "gloo"},
+    }
+    return load_config(base=base)
+
+
+def main(planner: str, out: str, freeze_bn: str) -> None:
+    torch.set_num_threads(1)
+    cfg = tiny_config(planner, out)
+    run = build_run(cfg, run_dir=Path(out).parent / f"run_{planner}", resume=False)
+    if freeze_bn == "1":  # batch statistics are per rank (as in DDP without SyncBN): freeze them
+        for m in run.model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.eval()
+    grads: dict[str, torch.Tensor] = {}
+    original_step = run.optimizer.step
+
+    def recording_step(*args, **kwargs):
+        for name, p in run.model.named_parameters():
+            grads[name] = p.grad.detach().clone()
+        return original_step(*args, **kwargs)
+
+    recording_step._with_counter = True  # type: ignore[attr-defined]  (keeps the LR scheduler quiet)
+    run.optimizer.step = recording_step  # type: ignore[method-assign]
+    run.step_fn(0)
+    if run.info.is_main:
+        meta = {"trained_here": ",".join(run.streams), "world": str(run.info.world)}
+        save_file(grads, out, metadata=meta)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])
