@@ -1,0 +1,53 @@
+"""Multi-label head: linear (or MLP) on pooled features, BCE-with-logits that ignores ``-1`` labels."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gppf.data.collate import Batch
+from gppf.heads.classification import pooled_mlp
+from gppf.heads.fpn import FeaturesLike
+
+
+def masked_bce_with_logits(logits_BC: Tensor, labels_BC: Tensor, *, pos_weight: float = 1.0) -> Tensor:
+    """Mean BCE over entries with a known label (``0``/``1``); ``-1`` entries are ignored.
+
+    A batch without any known label gives a zero loss that still depends on ``logits_BC``.
+    """
+    known_BC = labels_BC >= 0
+    weight_C = torch.full((logits_BC.shape[1],), float(pos_weight), device=logits_BC.device)
+    bce_BC = F.binary_cross_entropy_with_logits(
+        logits_BC.float(), labels_BC.float().clamp(min=0), pos_weight=weight_C, reduction="none"
+    )
+    return (bce_BC * known_BC).sum() / known_BC.sum().clamp(min=1)
+
+
+class MultilabelHead(nn.Module):
+    """``forward(feats) -> logits [B, C]``; ``loss`` on ``batch.stacked["labels"]``; ``predict`` -> probabilities."""
+
+    def __init__(
+        self,
+        *,
+        pooled_dim: int,
+        num_classes: int,
+        hidden: int = 0,
+        dropout: float = 0.0,
+        pos_weight: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"MultilabelHead needs num_classes >= 1, got {num_classes}")
+        self.num_classes = int(num_classes)
+        self.pos_weight = float(pos_weight)
+        self.mlp = pooled_mlp(in_dim=pooled_dim, out_dim=num_classes, hidden=hidden, dropout=dropout)
+
+    def forward(self, feats: FeaturesLike) -> Tensor:
+        return self.mlp(feats.pooled)
+
+    def loss(self, outputs: Tensor, batch: Batch) -> Tensor:
+        labels_BC = batch.stacked["labels"].to(outputs.device)
+        return masked_bce_with_logits(outputs, labels_BC, pos_weight=self.pos_weight)
+
+    def predict(self, outputs: Tensor, batch: Batch) -> Tensor:
+        return torch.sigmoid(outputs.detach().float())
