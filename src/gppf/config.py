@@ -20,9 +20,6 @@ class ConfigError(ValueError):
     """A configuration problem; the message names the offending key or file."""
 
 
-TaskType = Literal["classification", "multilabel", "detection", "segmentation", "keypoints", "reid"]
-
-
 @dataclass
 class DataConfig:
     """Where a task's data lives and in which format.
@@ -45,7 +42,7 @@ class TaskConfig:
     """One task of a multi-task run."""
 
     name: str = ""
-    type: TaskType = "classification"
+    type: str = "classification"  # a name registered in gppf.tasks.TASK_TYPES
     data: DataConfig = field(default_factory=DataConfig)
     batch_size: int = 32
     eval_batch_size: int | None = None
@@ -320,10 +317,21 @@ def validate(cfg: RunConfig) -> None:
         if task.name in seen:
             raise ConfigError(f"tasks.{i}.name: duplicate task name '{task.name}'")
         seen.add(task.name)
+        _check_task_type(task.type, f"tasks.{i}.type")
         if task.batch_size < 1:
             raise ConfigError(f"tasks.{task.name}.batch_size must be >= 1")
     if cfg.train.steps < 0:
         raise ConfigError("train.steps must be >= 0")
+
+
+def _check_task_type(name: str, key: str) -> None:
+    import gppf.tasks  # registers the built-in task types (import here: tasks import this module)
+
+    known = gppf.tasks.TASK_TYPES.names()
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"{key}: unknown task type '{name}'{hint} (known: {', '.join(known)})")
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:

@@ -13,35 +13,52 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 
+EpochBatches = Callable[[int], list[list[int]]]
+
+
 class ResumableBatchSampler:
-    """Yields batches of ``(index, sample_seed)`` forever; position = (epoch, batch in epoch)."""
+    """Yields batches of ``(index, sample_seed)`` forever; position = (epoch, batch in epoch).
+
+    An epoch's batches come from a seeded permutation of the dataset, or from ``epoch_batches(epoch)``
+    when the task type brings its own deterministic batch sampler (e.g. P x K identity sampling).
+    """
 
     def __init__(self, *, size: int, batch_size: int, seed: int, shard: tuple[int, int] = (0, 1),
-                 drop_last: bool = True, epoch: int = 0, batch_in_epoch: int = 0) -> None:
+                 epoch: int = 0, batch_in_epoch: int = 0, epoch_batches: EpochBatches | None = None) -> None:
         if size <= 0:
             raise ValueError("cannot sample from an empty dataset")
         self.size, self.batch_size, self.seed = size, batch_size, seed
         self.shard_index, self.shard_count = shard
-        self.drop_last = drop_last and size >= batch_size
         self.epoch, self.batch_in_epoch = epoch, batch_in_epoch
+        self.custom = epoch_batches is not None
+        self.epoch_batches = epoch_batches or self._permutation_batches
+        self._cache: tuple[int, list[list[int]]] | None = None
 
-    def batches_per_epoch(self) -> int:
-        return self.size // self.batch_size if self.drop_last else -(-self.size // self.batch_size)
-
-    def _perm(self, epoch: int) -> torch.Tensor:
+    def _permutation_batches(self, epoch: int) -> list[list[int]]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.size, generator=g)
+        perm = torch.randperm(self.size, generator=g).tolist()
+        if self.size < self.batch_size:  # tiny dataset: one batch cycling through it
+            perm = (perm * (-(-self.batch_size // self.size)))[: self.batch_size]
+        return [perm[i:i + self.batch_size] for i in range(0, len(perm) - self.batch_size + 1, self.batch_size)]
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        if self._cache is None or self._cache[0] != epoch:
+            batches = self.epoch_batches(epoch)
+            if not batches:
+                raise ValueError("the batch sampler produced an empty epoch")
+            self._cache = (epoch, batches)
+        return self._cache[1]
+
+    def batches_per_epoch_of(self, epoch: int) -> int:
+        return len(self.batches(epoch)) if self.custom else max(1, self.size // self.batch_size)
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         epoch, b = self.epoch, self.batch_in_epoch
         while True:
-            perm = self._perm(epoch)
-            while b < self.batches_per_epoch():
-                idx = perm[b * self.batch_size:(b + 1) * self.batch_size]
-                if len(idx) < self.batch_size:  # last partial batch wraps to the start
-                    idx = torch.cat([idx, perm[: self.batch_size - len(idx)]])
+            batches = self.batches(epoch)
+            while b < len(batches):
                 base = (self.seed * 7919 + epoch) * 1_000_000 + b * self.batch_size
-                batch = [(int(i), base + j) for j, i in enumerate(idx.tolist())]
+                batch = [(int(i), base + j) for j, i in enumerate(batches[b])]
                 yield batch[self.shard_index::self.shard_count]
                 b += 1
             epoch, b = epoch + 1, 0
@@ -67,10 +84,12 @@ class TaskStream:
     """An infinite iterator of collated batches for one task, with a resumable position."""
 
     def __init__(self, *, dataset: Dataset, collate: Callable, batch_size: int, seed: int,
-                 shard: tuple[int, int] = (0, 1), num_workers: int = 0, position: dict | None = None) -> None:
+                 shard: tuple[int, int] = (0, 1), num_workers: int = 0, position: dict | None = None,
+                 epoch_batches: EpochBatches | None = None) -> None:
         pos = position or {"epoch": 0, "batch_in_epoch": 0}
         self.sampler = ResumableBatchSampler(size=len(dataset), batch_size=batch_size, seed=seed,  # type: ignore[arg-type]
-                                             shard=shard, epoch=pos["epoch"], batch_in_epoch=pos["batch_in_epoch"])
+                                             shard=shard, epoch=pos["epoch"], batch_in_epoch=pos["batch_in_epoch"],
+                                             epoch_batches=epoch_batches)
         self.consumed = 0
         self._start = (pos["epoch"], pos["batch_in_epoch"])
         self.loader = DataLoader(SeededDataset(dataset), batch_sampler=self.sampler, collate_fn=collate,
@@ -87,6 +106,11 @@ class TaskStream:
 
     def position(self) -> dict[str, int]:
         """Where the *consumed* stream stands (prefetched batches do not count)."""
-        per_epoch = self.sampler.batches_per_epoch()
-        total = self._start[0] * per_epoch + self._start[1] + self.consumed
-        return {"epoch": total // per_epoch, "batch_in_epoch": total % per_epoch}
+        epoch, b = self._start
+        left = self.consumed
+        while left > 0:
+            step = min(left, self.sampler.batches_per_epoch_of(epoch) - b)
+            b, left = b + step, left - step
+            if b == self.sampler.batches_per_epoch_of(epoch):
+                epoch, b = epoch + 1, 0
+        return {"epoch": epoch, "batch_in_epoch": b}

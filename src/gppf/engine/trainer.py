@@ -11,7 +11,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -134,10 +134,24 @@ def _streams(cfg: RunConfig, tasks: dict[str, Task], plan: dict[str, list[int]],
         if task.cfg.batch_size < len(ranks):
             raise TrainError(f"task '{name}': batch_size {task.cfg.batch_size} < {len(ranks)} ranks training it")
         workers = task.cfg.num_workers if task.cfg.num_workers is not None else cfg.train.num_workers
+        seed = cfg.train.seed * 1000 + i
         streams[name] = TaskStream(dataset=task.train_set, collate=task.collate, batch_size=task.cfg.batch_size,
-                                   seed=cfg.train.seed * 1000 + i, shard=(ranks.index(info.rank), len(ranks)),
-                                   num_workers=workers, position=(positions or {}).get(name))
+                                   seed=seed, shard=(ranks.index(info.rank), len(ranks)), num_workers=workers,
+                                   position=(positions or {}).get(name), epoch_batches=_epoch_batches(task, seed))
     return streams
+
+
+def _epoch_batches(task: Task, seed: int) -> Callable[[int], list[list[int]]] | None:
+    """The task type's own deterministic batch sampler (e.g. P x K for reid), as epoch -> batches."""
+    sampler = task.batch_sampler(batch_size=task.cfg.batch_size, seed=seed)
+    if sampler is None:
+        return None
+
+    def epoch_batches(epoch: int) -> list[list[int]]:
+        sampler.epoch = epoch
+        return [list(b) for b in sampler]
+
+    return epoch_batches
 
 
 def build_run(cfg: RunConfig, *, run_dir: Path, resume: bool) -> Run:

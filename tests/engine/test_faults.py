@@ -1,0 +1,64 @@
+"""NaN losses, tasks that fail to load, pickle payloads in checkpoints."""
+from __future__ import annotations
+
+import math
+import pickle
+
+import pytest
+import torch
+
+from gppf.engine import trainer
+from gppf.engine.checkpoint import CheckpointError
+from gppf.engine.trainer import TrainError, build_run, train
+
+
+
+
+def test_nan_loss_skips_step_and_names_task(tmp_path, tiny_cfg):
+    run = build_run(tiny_cfg(), run_dir=tmp_path, resume=False)
+    good = run.step_fn.losses["seg"]
+    run.step_fn.losses["seg"] = lambda out, batch: good(out, batch) * math.nan
+    before = {k: v.clone() for k, v in run.model.state_dict().items() if v.is_floating_point()}
+    result = run.step_fn(0)
+    assert result.skipped and result.bad_tasks == ["seg"]
+    after = run.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if "running" not in k)
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in run.model.parameters())
+    run.step_fn.losses["seg"] = good
+    assert not run.step_fn(1).skipped
+
+
+def test_consecutive_nan_steps_stop_the_run_with_clear_message(tmp_path, monkeypatch, tiny_cfg):
+    real_build = trainer.build_run
+
+    def poisoned(cfg, **kw):
+        run = real_build(cfg, **kw)
+        run.step_fn.losses["cls"] = lambda out, batch: out.sum() * math.inf
+        return run
+
+    monkeypatch.setattr(trainer, "build_run", poisoned)
+    with pytest.raises(TrainError, match=r"3 consecutive steps with non-finite loss.*task\(s\) cls"):
+        train(tiny_cfg(steps=10, extra=["train.max_bad_steps=3"]), run_dir=tmp_path)
+    log = (tmp_path / "metrics.jsonl").read_text()
+    assert "non-finite loss from cls" in log
+
+
+def test_task_that_fails_to_load_is_named_before_training(tmp_path, tiny_cfg):
+    cfg = tiny_cfg(extra=["tasks.seg.data.format=imagefolder", f"tasks.seg.data.root={tmp_path / 'nope'}"])
+    with pytest.raises(TrainError, match=r"task 'seg' \(segmentation, imagefolder\) failed to load"):
+        train(cfg, run_dir=tmp_path / "run")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("owned",))
+
+
+def test_checkpoint_with_pickle_payload_is_refused(tmp_path, tiny_cfg):
+    cfg = tiny_cfg(steps=3)
+    train(cfg, run_dir=tmp_path)
+    step_dir = tmp_path / "checkpoints" / "step_000003"
+    (step_dir / "extra.pkl").write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(CheckpointError, match="extra.pkl"):
+        train(cfg, run_dir=tmp_path, resume=True)
