@@ -62,3 +62,15 @@ def test_checkpoint_with_pickle_payload_is_refused(tmp_path, tiny_cfg):
     (step_dir / "extra.pkl").write_bytes(pickle.dumps(Evil()))
     with pytest.raises(CheckpointError, match="extra.pkl"):
         train(cfg, run_dir=tmp_path, resume=True)
+
+
+def test_sample_weights_pick_a_weighted_subset_per_step(tmp_path, tiny_cfg):
+    run = build_run(tiny_cfg(extra=["tasks.seg.sample_weight=0.25"]), run_dir=tmp_path, resume=False)
+    picks = [run.step_fn.tasks_this_step(s) for s in range(400)]
+    assert all("cls" in p for p in picks)
+    share = sum("seg" in p for p in picks) / len(picks)
+    assert 0.17 < share < 0.33
+    assert picks == [run.step_fn.tasks_this_step(s) for s in range(400)]  # deterministic per step
+    step = next(s for s in range(400) if "seg" not in picks[s])
+    result = run.step_fn(step)
+    assert result.samples["seg"] == 0 and result.samples["cls"] == 8

@@ -2,7 +2,8 @@
 
 Read top to bottom (``SIMTStep.__call__``):
 
-1. for each task this rank trains: draw its next batch (own resolution, collate and sampler), run it
+1. for each task this rank trains and that is sampled this step (every task, or a weighted subset
+   drawn from a step-seeded generator so that every rank agrees): draw its next batch (own resolution, collate and sampler), run it
    through its route and head under autocast, weight its loss, scale it by the task's share of the
    global batch and backpropagate at once, which frees the task's graph before the next task (peak
    memory stays near that of the largest single task);
@@ -56,6 +57,18 @@ class SIMTStep:
     grad_clip: float = 0.0
     amp_dtype: torch.dtype | None = torch.bfloat16
     channels_last: bool = True
+    sample_probs: dict[str, float] = field(default_factory=dict)  # task -> P(task in a step); missing = 1
+    seed: int = 0
+
+    def tasks_this_step(self, step: int) -> list[str]:
+        """Tasks sampled for ``step``: all, or each with its probability (at least one task)."""
+        names = list(self.global_batch)
+        if all(self.sample_probs.get(t, 1.0) >= 1.0 for t in names):
+            return names
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        draws = torch.rand(len(names), generator=gen).tolist()
+        chosen = [t for t, u in zip(names, draws) if u < self.sample_probs.get(t, 1.0)]
+        return chosen or [names[int(torch.randint(len(names), (1,), generator=gen))]]
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.amp_dtype is None:
@@ -67,8 +80,11 @@ class SIMTStep:
         count: dict[str, float] = {t: 0.0 for t in self.global_batch}
         bad_tasks: list[str] = []
 
-        # 1. every task of this rank: batch -> route -> head -> weighted loss -> backward
+        # 1. every sampled task of this rank: batch -> route -> head -> weighted loss -> backward
+        sampled = self.tasks_this_step(step)
         for task, stream in self.streams.items():
+            if task not in sampled:
+                continue
             batch = next(stream).to(self.device, channels_last=self.channels_last)
             with self._autocast():
                 outputs = self.model(batch.images, task)

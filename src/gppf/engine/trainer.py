@@ -141,6 +141,14 @@ def _streams(cfg: RunConfig, tasks: dict[str, Task], plan: dict[str, list[int]],
     return streams
 
 
+def _sample_probs(cfg: RunConfig) -> dict[str, float]:
+    """Per-task probability of joining a step: ``sample_weight`` relative to the largest one."""
+    top = max(t.sample_weight for t in cfg.tasks)
+    if top <= 0:
+        raise TrainError("at least one task needs sample_weight > 0")
+    return {t.name: t.sample_weight / top for t in cfg.tasks}
+
+
 def _epoch_batches(task: Task, seed: int) -> Callable[[int], list[list[int]]] | None:
     """The task type's own deterministic batch sampler (e.g. P x K for reid), as epoch -> batches."""
     sampler = task.batch_sampler(batch_size=task.cfg.batch_size, seed=seed)
@@ -188,7 +196,7 @@ def build_run(cfg: RunConfig, *, run_dir: Path, resume: bool) -> Run:
                        global_batch={n: t.cfg.batch_size for n, t in tasks.items()}, weighting=weighting,
                        optimizer=optimizer, scheduler=scheduler, grad_sync=GradSync(params=params, info=info),
                        info=info, device=device, grad_clip=cfg.train.grad_clip, amp_dtype=amp,
-                       channels_last=cfg.train.channels_last)
+                       channels_last=cfg.train.channels_last, sample_probs=_sample_probs(cfg), seed=cfg.train.seed)
     return Run(cfg=cfg, run_dir=run_dir, info=info, device=device, model=model, tasks=tasks, plan=plan,
                weighting=weighting, optimizer=optimizer, scheduler=scheduler, step_fn=step_fn, streams=streams,
                buffer_sync=BufferSync(module=model, info=info), start_step=start)
