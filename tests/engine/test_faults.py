@@ -74,3 +74,43 @@ def test_sample_weights_pick_a_weighted_subset_per_step(tmp_path, tiny_cfg):
     step = next(s for s in range(400) if "seg" not in picks[s])
     result = run.step_fn(step)
     assert result.samples["seg"] == 0 and result.samples["cls"] == 8
+
+
+def _imagefolder(root, *, corrupt: str):
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for c, colour in (("red", (200, 30, 30)), ("blue", (30, 30, 200))):
+            d = root / split / c
+            d.mkdir(parents=True)
+            for i in range(6):
+                Image.new("RGB", (24, 24), colour).save(d / f"{i}.png")
+    (root / "train" / "red" / corrupt).write_bytes(b"\x89PNG\r\n\x1a\nthis is not a png")
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_skipped_bad_samples_are_counted_in_the_run_log(tmp_path, tiny_cfg, workers):
+    import json
+
+    _imagefolder(tmp_path / "data", corrupt="broken.png")
+    cfg = tiny_cfg(steps=4, extra=[
+        "tasks.cls.data.format=imagefolder", f"tasks.cls.data.root={tmp_path / 'data'}", "tasks.cls.data.options={}",
+        "tasks.cls.data.train=train", "tasks.cls.data.val=val", "tasks.cls.on_bad_sample=skip",
+        "tasks.cls.batch_size=13", f"train.num_workers={workers}", "train.checkpoint_every=0",
+    ])
+    train(cfg, run_dir=tmp_path / "run")
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    data = [r for r in records if r["kind"] == "data" and r["task"] == "cls"]
+    assert data and data[-1]["skipped_load_train"] == 1
+
+
+def test_corrupt_image_without_skip_names_the_file(tmp_path, tiny_cfg):
+    from gppf.data.base import DataError
+
+    _imagefolder(tmp_path / "data", corrupt="broken.png")
+    cfg = tiny_cfg(steps=4, extra=[
+        "tasks.cls.data.format=imagefolder", f"tasks.cls.data.root={tmp_path / 'data'}", "tasks.cls.data.options={}",
+        "tasks.cls.data.train=train", "tasks.cls.data.val=val", "tasks.cls.batch_size=13", "train.checkpoint_every=0",
+    ])
+    with pytest.raises(DataError, match="broken.png"):
+        train(cfg, run_dir=tmp_path / "run")

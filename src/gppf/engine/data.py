@@ -91,6 +91,7 @@ class TaskStream:
                                              shard=shard, epoch=pos["epoch"], batch_in_epoch=pos["batch_in_epoch"],
                                              epoch_batches=epoch_batches)
         self.consumed = 0
+        self.skipped: set[int] = set()  # dataset indices skipped as bad while loading (any worker)
         self._start = (pos["epoch"], pos["batch_in_epoch"])
         self.loader = DataLoader(SeededDataset(dataset), batch_sampler=self.sampler, collate_fn=collate,
                                  num_workers=num_workers, persistent_workers=num_workers > 0,
@@ -102,6 +103,8 @@ class TaskStream:
             self._it = iter(self.loader)
         batch = next(self._it)
         self.consumed += 1
+        for target in batch.targets:
+            self.skipped.update(target.get("bad_skipped", ()))
         return batch
 
     def position(self) -> dict[str, int]:

@@ -69,6 +69,13 @@ class MetricsLogger:
         shown = ", ".join(f"{k}={v:.3f}" for k, v in metrics.items() if "/chance/" not in k)
         log.info("validation @ step %d: %s", step, shown)
 
+    def data_problems(self, *, task: str, **counts: int) -> None:
+        """Record skipped bad samples of a task (``on_bad_sample: skip``): never silent."""
+        if not self.enabled:
+            return
+        self._write({"kind": "data", "task": task, **counts})
+        log.warning("task '%s': skipped bad samples %s", task, counts)
+
     def warn(self, message: str) -> None:
         log.warning(message)
         self._write({"kind": "warning", "message": message, "time": time.time()})

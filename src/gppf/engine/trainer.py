@@ -301,7 +301,18 @@ def train(cfg: RunConfig, *, run_dir: Path, resume: bool = False) -> dict[str, f
     return metrics
 
 
+def _log_bad_samples(run: Run, logger: MetricsLogger) -> None:
+    """Per-task counts of samples skipped under ``on_bad_sample: skip`` (index time + load time)."""
+    for name, task in run.tasks.items():
+        indexed = {split: getattr(ds.bad, "total", 0) for split, ds in (("train", task.train_set), ("val", task.val_set))}
+        loaded = len(run.streams[name].skipped) if name in run.streams else 0
+        if indexed["train"] or indexed["val"] or loaded:
+            logger.data_problems(task=name, skipped_index_train=indexed["train"], skipped_index_val=indexed["val"],
+                                 skipped_load_train=loaded)
+
+
 def _eval_and_log(run: Run, logger: MetricsLogger, step: int) -> dict[str, float]:
+    _log_bad_samples(run, logger)
     run.buffer_sync()
     metrics = evaluate(run) if run.info.is_main else {}
     logger.val(step, metrics)

@@ -9,6 +9,9 @@ from gppf.config import DataConfig
 from gppf.data.base import BadSamples, DataError, OnBad, SampleDataset
 
 
+SKIPPED_KEY = "bad_skipped"  # target key: indices skipped to produce this sample
+
+
 class SampleError(DataError):
     """A problem with one sample or annotation; ``kind`` labels it in the bad-sample counts.
 
@@ -122,16 +125,22 @@ class ReaderDataset(SampleDataset):
         if not -n <= index < n:
             raise IndexError(f"index {index} out of range for {n} samples in {self.where}")
         index %= n
+        skipped: list[int] = []
         for step in range(n):
             j = (index + step) % n
             try:
-                return self._load(j)
+                image, target = self._load(j)
             except DataError as exc:
                 if self.bad.policy == "error":
                     raise
+                skipped.append(j)
                 if j not in self._failed:
                     self._failed.add(j)
                     self.bad.report(getattr(exc, "kind", "bad_sample"), str(exc))
+                continue
+            if skipped:  # lets a training stream count skips made inside DataLoader workers
+                target = {**target, SKIPPED_KEY: skipped}
+            return image, target
         raise DataError(f"{self.where}: none of the {n} samples could be loaded")
 
     @property
