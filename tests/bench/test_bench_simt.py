@@ -1,0 +1,48 @@
+"""Smoke test of ``gppf bench simt``: quick sizes, one JSON object, finite positive values; helpers."""
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+
+from gppf.bench.simt import GOALS, Repeat, TimedStream, load_bench_config, main_simt
+
+TASKS = {"shapes_flat", "attributes_textured", "objects_pastel", "parsing_noisy", "creatures_night",
+         "identities_mixed"}
+
+
+def test_repeat_and_timed_stream():
+    batch = object()
+    stream = TimedStream(Repeat(batch))
+    assert next(stream) is batch and next(stream) is batch
+    assert stream.waited >= 0.0
+
+
+def test_quick_config_shrinks_every_task_and_user_overrides_win():
+    cfg = load_bench_config(config=None, overrides=["tasks.0.batch_size=2"], quick=True)
+    assert cfg.train.progress is False and cfg.model.width_mult == 0.25
+    assert [t.batch_size for t in cfg.tasks] == [2, 4, 4, 4, 4, 4]
+    assert {t.image_size for t in cfg.tasks} == {32}
+
+
+def test_bench_simt_quick_json(capsys):
+    assert main_simt(["--quick", "--json", "--repeats", "1", "--warmup", "0", "--threads", "1"]) == 0
+    out = capsys.readouterr().out.strip()
+    assert len(out.splitlines()) == 1, "exactly one JSON object on stdout"
+    result = json.loads(out)
+    for key in GOALS:
+        assert isinstance(result[key], float) and math.isfinite(result[key]) and result[key] > 0
+    assert set(result["goals"]) == set(result["meets_goals"]) == set(GOALS)
+    assert all(isinstance(v, bool) for v in result["meets_goals"].values())
+    assert result["T"] == 6
+    singles = {f"single/{t}" for t in TASKS}
+    assert set(result["median_step_s"]) == singles | {"simt", "alternating"}
+    assert set(result["step_peak_bytes"]) == singles | {"simt"}
+    assert all(v > 0 for v in result["median_step_s"].values())
+    assert all(v > 0 for v in result["step_peak_bytes"].values())
+    assert result["largest_task"] in TASKS and result["skipped_steps"] == 0
+    assert result["data_wait"]["wall_s"] > 0 and result["loader"]["train.num_workers"] == 0
+    cfg = result["config"]
+    assert set(cfg["tasks"]) == TASKS and cfg["threads"] == 1 and cfg["quick"] is True
+    assert cfg["torch"] == torch.__version__ and cfg["backbone"] == "gppf_r18"
