@@ -25,9 +25,17 @@ class Killed(Exception):
     pass
 
 
-@pytest.mark.parametrize("workers", [0, 1])
-def test_resume_after_kill_gives_identical_loss_sequence(tmp_path, monkeypatch, workers, tiny_cfg):
-    cfg = tiny_cfg(steps=6, extra=[f"train.num_workers={workers}"])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["train.num_workers=0"],
+        # global-RNG consumers (Gumbel routing noise, dropout) and a loader worker process
+        ["train.num_workers=1", "model.router.mode=gumbel", "tasks.cls.head.dropout=0.3", "train.eval_every=2"],
+    ],
+    ids=["plain", "gumbel-dropout-worker"],
+)
+def test_resume_after_kill_gives_identical_loss_sequence(tmp_path, monkeypatch, extra, tiny_cfg):
+    cfg = tiny_cfg(steps=6, extra=extra)
     full = train(cfg, run_dir=tmp_path / "full")
     ref = _train_losses(tmp_path / "full")
     assert sorted(ref) == [1, 2, 3, 4, 5, 6]

@@ -93,9 +93,11 @@ class TaskStream:
         self.consumed = 0
         self.skipped: set[int] = set()  # dataset indices skipped as bad while loading (any worker)
         self._start = (pos["epoch"], pos["batch_in_epoch"])
+        # own generator: creating the iterator must not draw from the global RNG (exact resume)
         self.loader = DataLoader(SeededDataset(dataset), batch_sampler=self.sampler, collate_fn=collate,
                                  num_workers=num_workers, persistent_workers=num_workers > 0,
-                                 prefetch_factor=4 if num_workers > 0 else None)
+                                 prefetch_factor=4 if num_workers > 0 else None,
+                                 generator=torch.Generator().manual_seed(seed))
         self._it: Iterator | None = None
 
     def __next__(self) -> Any:

@@ -211,7 +211,8 @@ def evaluate(run: Run) -> dict[str, float]:
     for name, task in run.tasks.items():
         metric = task.new_metric()
         loader = DataLoader(task.val_set, batch_size=task.cfg.eval_batch_size or task.cfg.batch_size,
-                            shuffle=False, collate_fn=task.collate, num_workers=0)
+                            shuffle=False, collate_fn=task.collate, num_workers=0,
+                            generator=torch.Generator().manual_seed(0))  # leaves the global RNG alone
         for batch in loader:
             batch = batch.to(run.device, channels_last=run.cfg.train.channels_last)
             with torch.autocast(run.device.type, dtype=amp, enabled=amp is not None):

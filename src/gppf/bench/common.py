@@ -1,0 +1,127 @@
+"""Shared benchmark helpers: fixed threads, interleaved timing, allocator-level peak memory, output.
+
+Benchmarks measure every variant in one process, interleaved (A B C A B C ...) after warm-up, with a
+fixed thread count, and report medians and ratios: the machines are shared and noisy, so single
+absolute times mean little.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import math
+import platform
+import statistics
+import time
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+
+
+@contextlib.contextmanager
+def fixed_threads(threads: int | None) -> Iterator[int]:
+    """Pin ``torch``'s intra-op thread count (``None``: keep the current one); restore it on exit."""
+    before = torch.get_num_threads()
+    n = before if threads is None else int(threads)
+    if n < 1:
+        raise ValueError(f"threads must be >= 1, got {n}")
+    torch.set_num_threads(n)
+    try:
+        yield n
+    finally:
+        torch.set_num_threads(before)
+
+
+def interleaved_times(
+    fns: Mapping[str, Callable[[], object]], *, repeats: int, warmup: int
+) -> dict[str, list[float]]:
+    """Run ``warmup`` untimed rounds, then ``repeats`` timed rounds of every fn in order (A B C A B C).
+
+    Returns the per-round wall times in seconds of each fn.
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats}, {warmup}")
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def medians(times: Mapping[str, list[float]]) -> dict[str, float]:
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def peak_alloc_bytes(fn: Callable[[], object]) -> int:
+    """Peak bytes allocated on the CPU allocator while ``fn`` runs, above what existed before it.
+
+    Uses the profiler's ``[memory]`` events (one per allocation / free, ``nbytes`` signed): sorted by
+    time, the maximum of their running sum. The profiler does not see frees of blocks allocated
+    before it started, so memory from before ``fn`` is neither counted nor subtracted: the result is
+    an upper bound of the rise, exact when ``fn`` frees nothing older than itself.
+    """
+    gc.collect()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [
+        e for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == DeviceType.CPU
+    ]
+    running, peak = 0, 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        running += e.nbytes()
+        peak = max(peak, running)
+    return peak
+
+
+def ratio(num: float, den: float) -> float:
+    return num / den if den > 0 else math.inf
+
+
+def meets(values: Mapping[str, float], goals: Mapping[str, float]) -> dict[str, bool]:
+    """``value <= goal`` for each goal (all benchmark goals are upper bounds on a ratio)."""
+    return {key: bool(values[key] <= goal) for key, goal in goals.items()}
+
+
+def env_info() -> dict[str, Any]:
+    import torchvision
+
+    return {
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+    }
+
+
+def emit(result: Mapping[str, Any], *, as_json: bool) -> None:
+    """Print ONE JSON object (``as_json``) or a readable two-column table."""
+    if as_json:
+        print(json.dumps(result, sort_keys=False))
+        return
+    for key, value in _flatten(result):
+        print(f"{key:<44} {_fmt(value)}")
+
+
+def _flatten(obj: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for key, value in obj.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            yield from _flatten(value, f"{name}.")
+        else:
+            yield name, value
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_fmt(v) for v in value) + "]"
+    return str(value)

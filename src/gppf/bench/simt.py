@@ -1,0 +1,279 @@
+"""``gppf bench simt``: cost of one SIMT step against per-task steps, its peak memory, and data wait.
+
+One process, fixed thread count, the run built by ``build_run`` from a config (default: the built-in
+six-task recipe) with its own model, optimizer, SIMT step and task streams:
+
+* ``simt_vs_alternating``: median time of one SIMT step over all T tasks / median over rounds of the
+  summed times of T single-task steps (same model, optimizer and pre-fetched batches; each step is the
+  real ``SIMTStep`` restricted to one task: forward, backward, aux losses, grad sync, clip, optimizer
+  and scheduler step). Steps run interleaved (SIMT, task 1, ..., task T, SIMT, ...); data loading is
+  excluded (every stream repeats its one pre-fetched batch).
+* ``peak_mem_vs_largest_task``: allocator peak of one SIMT step above parameters, gradients and
+  optimizer state / the largest such peak of a single-task step (after warm-up steps).
+* ``data_wait_fraction``: share of the wall time of real training steps (real ``TaskStream``s with the
+  config's loader settings) spent blocked in ``next(stream)``, after warm-up steps.
+
+``--quick``: tiny images, batches, width and step counts, for smoke tests.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from gppf.bench.common import (
+    emit,
+    env_info,
+    fixed_threads,
+    interleaved_times,
+    medians,
+    peak_alloc_bytes,
+    ratio,
+)
+
+GOALS: dict[str, float] = {
+    "simt_vs_alternating": 0.95,
+    "peak_mem_vs_largest_task": 1.3,
+    "data_wait_fraction": 0.05,
+}
+STRICT_GOALS = frozenset({"data_wait_fraction"})  # value < goal (others: value <= goal)
+DEFAULTS: dict[str, Any] = dict(repeats=7, warmup=2, threads=None)
+QUICK: dict[str, Any] = dict(repeats=2, warmup=1)
+DATA_STEPS = {"full": (3, 20), "quick": (1, 3)}  # (warm-up steps, measured steps)
+QUICK_TASK = {"batch_size": 4, "image_size": 32}  # format-agnostic: any reader's config can be shrunk
+QUICK_MODEL = ["model.width_mult=0.25"]
+
+
+class Repeat:
+    """An endless iterator that returns the same batch every time (data loading excluded)."""
+
+    def __init__(self, batch: Any) -> None:
+        self.batch = batch
+
+    def __iter__(self) -> Iterator[Any]:
+        return self
+
+    def __next__(self) -> Any:
+        return self.batch
+
+
+class TimedStream:
+    """Wraps a stream; ``waited`` accumulates the seconds spent blocked in ``next``."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.waited = 0.0
+
+    def __iter__(self) -> Iterator[Any]:
+        return self
+
+    def __next__(self) -> Any:
+        t0 = time.perf_counter()
+        batch = next(self.stream)
+        self.waited += time.perf_counter() - t0
+        return batch
+
+
+class Stepper:
+    """Calls a ``SIMTStep`` with increasing step numbers and counts skipped (non-finite) steps."""
+
+    def __init__(self, step_fn: Any) -> None:
+        self.step_fn = step_fn
+        self.calls = 0
+        self.skipped = 0
+
+    def __call__(self) -> None:
+        result = self.step_fn(self.calls)
+        self.calls += 1
+        self.skipped += int(result.skipped)
+
+
+# ----------------------------------------------------------------------------- config and run
+
+
+def load_bench_config(*, config: str | None, overrides: list[str], quick: bool) -> Any:
+    """The run config (default recipe), progress bar off; ``quick`` shrinks every task first."""
+    from gppf.cli import default_config_path
+    from gppf.config import load_config
+
+    path = config or default_config_path()
+    base = ["train.progress=false"]
+    if quick:
+        n_tasks = len(load_config(path, overrides).tasks)
+        base += QUICK_MODEL + [f"tasks.{i}.{k}={v}" for i in range(n_tasks) for k, v in QUICK_TASK.items()]
+    return load_config(path, base + list(overrides))
+
+
+def loader_settings(run: Any) -> dict[str, Any]:
+    """The loader settings the run's streams use (``train.num_workers`` and per-task values)."""
+    per_task = {name: s.loader.num_workers for name, s in run.streams.items()}
+    any_workers = any(w > 0 for w in per_task.values())
+    return {
+        "train.num_workers": run.cfg.train.num_workers,
+        "num_workers_per_task": per_task,
+        "prefetch_factor": 4 if any_workers else None,
+        "persistent_workers": any_workers,
+        "pin_memory": False,
+    }
+
+
+def config_summary(run: Any, *, threads: int, quick: bool) -> dict[str, Any]:
+    """Tasks, batch and image sizes, backbone, amp and threads of the benchmarked run."""
+    cfg = run.cfg
+    return {
+        "tasks": {t.name: t.type for t in cfg.tasks},
+        "batch_size": {t.name: t.batch_size for t in cfg.tasks},
+        "image_size": {t.name: t.image_size for t in cfg.tasks},
+        "backbone": cfg.model.backbone, "legos": cfg.model.legos, "active": cfg.model.active,
+        "width_mult": cfg.model.width_mult, "amp": cfg.train.amp, "channels_last": cfg.train.channels_last,
+        "optimizer": cfg.train.optimizer, "grad_clip": cfg.train.grad_clip,
+        "loss_weighting": cfg.train.loss_weighting, "device": str(run.device), "threads": threads,
+        "quick": quick, **env_info(),
+    }
+
+
+# ----------------------------------------------------------------------------- measurements
+
+
+def measure_data_wait(run: Any, *, warmup: int, steps: int) -> dict[str, Any]:
+    """Real training steps over the run's own streams; time blocked in ``next(stream)`` / wall time."""
+    timed = {name: TimedStream(s) for name, s in run.streams.items()}
+    stepper = Stepper(dataclasses.replace(run.step_fn, streams=timed))
+    for _ in range(warmup):
+        stepper()
+    for t in timed.values():
+        t.waited = 0.0
+    walls, waits = timed_steps(stepper, list(timed.values()), steps=steps)
+    return {"wall_s": sum(walls), "wait_s": sum(waits), "median_step_s": statistics.median(walls),
+            "median_wait_s": statistics.median(waits), "wait_s_per_task": {n: t.waited for n, t in timed.items()},
+            "step_samples_s": walls, "wait_samples_s": waits, "steps": steps, "warmup_steps": warmup,
+            "skipped_steps": stepper.skipped}
+
+
+def timed_steps(stepper: Stepper, timed: list[TimedStream], *, steps: int) -> tuple[list[float], list[float]]:
+    """Wall time and data-wait time of each of ``steps`` steps."""
+    walls, waits = [], []
+    for _ in range(steps):
+        before, t0 = sum(t.waited for t in timed), time.perf_counter()
+        stepper()
+        walls.append(time.perf_counter() - t0)
+        waits.append(sum(t.waited for t in timed) - before)
+    return walls, waits
+
+
+def fixed_batch_steppers(run: Any) -> tuple[Stepper, dict[str, Stepper]]:
+    """The SIMT step over all tasks and one single-task step per task, each on one pre-fetched batch."""
+    batches = {name: next(stream) for name, stream in run.streams.items()}
+    simt = Stepper(dataclasses.replace(run.step_fn, streams={n: Repeat(b) for n, b in batches.items()}))
+    singles = {n: Stepper(dataclasses.replace(run.step_fn, streams={n: Repeat(b)})) for n, b in batches.items()}
+    return simt, singles
+
+
+def time_steps(simt: Stepper, singles: dict[str, Stepper], *, repeats: int, warmup: int) -> dict[str, Any]:
+    """Interleaved timing: SIMT step, then each single-task step, per round; medians and per-round sums."""
+    fns = {"simt": simt, **{f"single/{n}": s for n, s in singles.items()}}
+    samples = interleaved_times(fns, repeats=repeats, warmup=warmup)
+    alternating = [sum(samples[f"single/{n}"][i] for n in singles) for i in range(repeats)]
+    return {"samples": {**samples, "alternating": alternating},
+            "median": {**medians(samples), "alternating": statistics.median(alternating)}}
+
+
+def measure_peaks(simt: Stepper, singles: dict[str, Stepper]) -> dict[str, int]:
+    """Allocator peak of one step above params, grads and optimizer state (all exist after warm-up)."""
+    peaks = {"simt": peak_alloc_bytes(simt)}
+    peaks.update({f"single/{n}": peak_alloc_bytes(s) for n, s in singles.items()})
+    return peaks
+
+
+def state_bytes(run: Any) -> int:
+    """Bytes of parameters, gradients and optimizer state."""
+    params = [p for g in run.optimizer.param_groups for p in g["params"]]
+    size = sum(p.numel() * p.element_size() for p in params)
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
+    state = sum(t.numel() * t.element_size() for s in run.optimizer.state.values()
+                for t in s.values() if isinstance(t, torch.Tensor))
+    return size + grads + state
+
+
+# ----------------------------------------------------------------------------- the benchmark
+
+
+def run_simt_bench(*, config: str | None, overrides: list[str], repeats: int, warmup: int,
+                   threads: int | None, quick: bool) -> dict[str, Any]:
+    """Build the run, measure step-time ratio, peak-memory ratio and data wait; a JSON-ready dict."""
+    from gppf.engine.trainer import build_run
+
+    cfg = load_bench_config(config=config, overrides=overrides, quick=quick)
+    data_warmup, data_steps = DATA_STEPS["quick" if quick else "full"]
+    with fixed_threads(threads) as n_threads, tempfile.TemporaryDirectory(prefix="gppf-bench-simt-") as tmp:
+        run = build_run(cfg, run_dir=Path(tmp), resume=False)
+        data = measure_data_wait(run, warmup=data_warmup, steps=data_steps)
+        simt, singles = fixed_batch_steppers(run)
+        timing = time_steps(simt, singles, repeats=repeats, warmup=warmup)
+        peaks = measure_peaks(simt, singles)
+        skipped = simt.skipped + sum(s.skipped for s in singles.values())
+        return assemble(run, data=data, timing=timing, peaks=peaks, skipped=skipped,
+                        repeats=repeats, warmup=warmup, threads=n_threads, quick=quick)
+
+
+def assemble(run: Any, *, data: dict[str, Any], timing: dict[str, Any], peaks: dict[str, int], skipped: int,
+             repeats: int, warmup: int, threads: int, quick: bool) -> dict[str, Any]:
+    """The JSON result: headline ratios, raw measurements, goals and config."""
+    med = timing["median"]
+    single_peaks = {k.removeprefix("single/"): v for k, v in peaks.items() if k.startswith("single/")}
+    largest = max(single_peaks, key=lambda n: single_peaks[n])
+    values = {
+        "simt_vs_alternating": ratio(med["simt"], med["alternating"]),
+        "peak_mem_vs_largest_task": ratio(peaks["simt"], single_peaks[largest]),
+        "data_wait_fraction": ratio(data["wait_s"], data["wall_s"]),
+    }
+    return {
+        "bench": "simt",
+        **values,
+        "T": len(run.streams),
+        "median_step_s": med,
+        "step_samples_s": timing["samples"],
+        "step_peak_bytes": peaks,
+        "largest_task": largest,
+        "param_grad_and_optim_state_bytes": state_bytes(run),
+        "data_wait": data,
+        "loader": loader_settings(run),
+        "skipped_steps": skipped,
+        "goals": dict(GOALS),
+        "meets_goals": {k: bool(values[k] < g if k in STRICT_GOALS else values[k] <= g) for k, g in GOALS.items()},
+        "config": {**config_summary(run, threads=threads, quick=quick), "repeats": repeats, "warmup": warmup},
+    }
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="gppf bench simt", description=__doc__.splitlines()[0])
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--config", help="run config YAML (default: the built-in six-task recipe)")
+    p.add_argument("--quick", action="store_true", help="tiny smoke-test sizes and step counts")
+    p.add_argument("--repeats", type=int, help="timed interleaved rounds (default 7; quick 2)")
+    p.add_argument("--warmup", type=int, help="untimed rounds first (default 2; quick 1)")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's current)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    return p.parse_args(argv)
+
+
+def main_simt(argv: list[str]) -> int:
+    """CLI entry: ``gppf bench simt [--json] [--quick] [--config C] [key=value ...]``."""
+    args = parse_args(argv)
+    kw = {**DEFAULTS, **(QUICK if args.quick else {})}
+    kw.update({k: v for k, v in vars(args).items() if k in kw and v is not None})
+    result = run_simt_bench(config=args.config, overrides=args.overrides, quick=args.quick, **kw)
+    emit(result, as_json=args.json)
+    return 0 if all(math.isfinite(result[k]) for k in GOALS) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main_simt(sys.argv[1:]))
