@@ -42,14 +42,15 @@ def _print_summary(metrics: dict[str, float], run_dir: Path) -> None:
     from rich.table import Table
 
     table = Table(title=f"validation metrics ({run_dir})")
-    for col in ("metric", "value", "chance"):
+    for col in ("metric", "value", "chance", "margin"):
         table.add_column(col)
     for key, value in metrics.items():
         if "/chance/" in key:
             continue
         task, name = key.split("/", 1)
         chance = metrics.get(f"{task}/chance/{name}")
-        table.add_row(key, f"{value:.4f}", "" if chance is None else f"{chance:.4f}")
+        margin = "" if chance is None else f"{value - chance:+.4f}"
+        table.add_row(key, f"{value:.4f}", "" if chance is None else f"{chance:.4f}", margin)
     Console().print(table)
     print(f"report: {run_dir / 'report' / 'index.html'}")
 

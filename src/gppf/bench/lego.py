@@ -11,9 +11,10 @@ interleaved (dense, routed with ``legos_large`` legos, routed with ``legos_small
 
 A step is ``zero_grad``, forward, cross-entropy of a ``Linear(pooled, 1000)`` head on random labels,
 backward and ``SGD(lr=1e-3, momentum=0.9, weight_decay=1e-4)`` with the same implementation for every
-model (``--sgd fused``, the default: one pass per tensor; or ``--sgd foreach``). Defaults: batch 16
-at 224 px, N=16 vs N=4 at k=4, 5 timed rounds after 2 warm-up rounds, 1 thread (on a shared 2-core
-machine, OpenMP barriers of multi-threaded ops make timings erratic; pass ``--threads``).
+model (``--sgd fused``, the default: one kernel per tensor, though on CPU it clones channels_last
+tensors; or ``--sgd foreach``). Defaults: batch 16 at 224 px, N=16 vs N=4 at k=4, 7 timed rounds
+after 2 warm-up rounds, 1 thread (on a shared 2-core machine, OpenMP barriers of multi-threaded ops
+make timings erratic; pass ``--threads``).
 ``--quick``: batch 2 at 64 px, N=4 vs N=2 at k=2, one timed round (a smoke test, not a measurement).
 """
 from __future__ import annotations
@@ -47,7 +48,7 @@ GOALS: dict[str, float] = {
     "act_mem_ratio_vs_dense": 1.10,
 }
 DEFAULTS: dict[str, Any] = dict(
-    batch=16, image_size=224, repeats=5, warmup=2, threads=1, legos_small=4, legos_large=16, active=4
+    batch=16, image_size=224, repeats=7, warmup=2, threads=1, legos_small=4, legos_large=16, active=4
 )
 QUICK: dict[str, Any] = dict(batch=2, image_size=64, repeats=1, warmup=1, legos_small=2, legos_large=4, active=2)
 NUM_CLASSES = 1000
@@ -94,7 +95,7 @@ def make_sgd(params: Any, *, impl: SgdImpl) -> torch.optim.SGD:
 
 
 def make_trainee(model: nn.Module, *, batch: int, image_size: int, sgd: SgdImpl, seed: int = 0) -> Trainee:
-    """Put ``model`` in train mode and channels_last; same input and labels for every ``seed``."""
+    """Put ``model`` in train mode and channels_last; the batch depends only on ``seed``."""
     model.train().to(memory_format=torch.channels_last)
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, 3, image_size, image_size, generator=gen).to(memory_format=torch.channels_last)
@@ -106,7 +107,7 @@ def make_trainee(model: nn.Module, *, batch: int, image_size: int, sgd: SgdImpl,
 def build_trainees(
     *, batch: int, image_size: int, legos_small: int, legos_large: int, active: int, sgd: SgdImpl
 ) -> dict[str, Trainee]:
-    """``dense``, ``routed_large`` and ``routed_small`` trainees, seeded identically."""
+    """``dense``, ``routed_large`` and ``routed_small`` trainees on the same batch (init seeded once)."""
     torch.manual_seed(0)
     models: dict[str, nn.Module] = {
         "dense": torchvision.models.resnet50(weights=None, num_classes=NUM_CLASSES),
@@ -184,7 +185,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny smoke-test sizes (batch 2, 64 px, N=4 vs 2, k=2)")
     p.add_argument("--batch", type=int, help="batch size (default 16; quick 2)")
     p.add_argument("--image-size", type=int, help="square input size in px (default 224; quick 64)")
-    p.add_argument("--repeats", type=int, help="timed interleaved rounds (default 5; quick 1)")
+    p.add_argument("--repeats", type=int, help="timed interleaved rounds (default 7; quick 1)")
     p.add_argument("--warmup", type=int, help="untimed rounds first (default 2; quick 1)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default 1)")
     p.add_argument("--sgd", choices=["fused", "foreach"], default="fused", help="SGD implementation (default fused)")
