@@ -17,6 +17,7 @@ $(STAMP): $(VPY) pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
+	rm -rf runs/demo
 	$(VENV)/bin/gppf pretrain --out runs/demo
 
 test: $(STAMP)

@@ -62,3 +62,9 @@ def test_resume_after_kill_gives_identical_loss_sequence(tmp_path, monkeypatch, 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path, tiny_cfg):
     with pytest.raises(TrainError, match="no checkpoint found"):
         train(tiny_cfg(steps=1), run_dir=tmp_path / "empty", resume=True)
+
+
+def test_fresh_run_into_a_dir_with_checkpoints_is_refused(tmp_path, tiny_cfg):
+    train(tiny_cfg(steps=3), run_dir=tmp_path)
+    with pytest.raises(TrainError, match="already holds checkpoints.*--resume"):
+        train(tiny_cfg(steps=3), run_dir=tmp_path)

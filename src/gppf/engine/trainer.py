@@ -267,6 +267,9 @@ def _write_routes(run: Run) -> None:
 
 def train(cfg: RunConfig, *, run_dir: Path, resume: bool = False) -> dict[str, float]:
     """Run (or resume) a SIMT pre-training; returns the final validation metrics."""
+    if not resume and ckpt.find_latest(run_dir) is not None:
+        raise TrainError(f"{run_dir} already holds checkpoints of another run: continue it with "
+                         f"--resume {run_dir}, or choose a new --out directory")
     run_dir.mkdir(parents=True, exist_ok=True)
     run = build_run(cfg, run_dir=run_dir, resume=resume)
     if run.info.is_main:
