@@ -52,3 +52,10 @@ def test_bad_override_is_a_one_line_error(capsys, tmp_path):
 def test_unfinished_subcommands_say_so(capsys):
     assert main(["finetune"]) == 2
     assert "not implemented yet" in capsys.readouterr().err
+
+
+def test_overrides_may_follow_options():
+    from gppf.cli import parse_args
+
+    args = parse_args(["eval", "runs/x", "--json", "train.steps=3"])
+    assert args.json and args.overrides == ["train.steps=3"] and args.run == "runs/x"

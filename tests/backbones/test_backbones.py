@@ -67,3 +67,32 @@ def test_only_selected_legos_receive_gradient(name):
         assert blk.self_attention.out_proj.weight.grad[:, 3 * wa:].abs().sum() == 0
         checked += 1
     assert checked > 0
+
+
+def test_each_task_keeps_its_own_batchnorm_statistics():
+    bb = gppf.create_backbone("gppf_r18", tasks=["bright", "dark"], legos=2, active=2, width_mult=0.25)
+    bb.train()
+    for _ in range(30):
+        bb(torch.randn(4, 3, 32, 32) * 0.1 + 3.0, "bright")
+        bb(torch.randn(4, 3, 32, 32) * 0.1 - 3.0, "dark")
+    stem = bb.bn1
+    assert stem.task_running_mean.shape == (2, stem.num_features)
+    # the stem BN saw inputs of opposite sign: the two tasks' statistics must differ clearly
+    assert (stem.task_running_mean[0] - stem.task_running_mean[1]).abs().max() > 0.1
+    bb.eval()
+    x = torch.randn(2, 3, 32, 32) * 0.1 + 3.0
+    with torch.no_grad():
+        own = bb.forward_pooled(x, "bright")
+    before = stem.task_running_mean.clone()
+    with torch.no_grad():
+        bb.forward_pooled(x, "dark")  # eval forwards never change stored statistics
+    assert torch.equal(before, stem.task_running_mean)
+    assert torch.isfinite(own).all()
+
+
+def test_add_task_copies_statistics():
+    bb = gppf.create_backbone("gppf_r18", tasks=["a"], legos=2, active=2, width_mult=0.25)
+    bb(torch.randn(4, 3, 32, 32) + 2.0, "a")
+    bb.add_task("b", init_from="a")
+    assert torch.equal(bb.bn1.task_running_mean[1], bb.bn1.task_running_mean[0])
+    assert bb.router.tasks == ["a", "b"]

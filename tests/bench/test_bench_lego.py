@@ -46,6 +46,11 @@ def test_bench_lego_quick_json(capsys):
     for key in ("median_step_s", "step_act_peak_bytes"):
         assert set(result[key]) == {"dense", "routed_large", "routed_small"}
         assert all(v > 0 for v in result[key].values())
+    for phases in result["median_phase_s"].values():
+        assert list(phases) == ["zero_grad", "forward", "backward", "optimizer"]
+        assert all(v >= 0 for v in phases.values())
+    assert set(result["median_phase_s"]) == {"dense", "routed_large", "routed_small"}
     cfg = result["config"]
     assert (cfg["batch"], cfg["image_size"], cfg["threads"], cfg["quick"]) == (2, 64, 1, True)
     assert cfg["torch"] == torch.__version__ and "bfloat16" in cfg["dtype"]
+    assert "set_to_none=False" in cfg["zero_grad"]

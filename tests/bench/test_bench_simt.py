@@ -22,7 +22,7 @@ def test_repeat_and_timed_stream():
 def test_quick_config_shrinks_every_task_and_user_overrides_win():
     cfg = load_bench_config(config=None, overrides=["tasks.0.batch_size=2"], quick=True)
     assert cfg.train.progress is False and cfg.model.width_mult == 0.25
-    assert [t.batch_size for t in cfg.tasks] == [2, 4, 4, 4, 4, 4]
+    assert [t.batch_size for t in cfg.tasks] == [2, 8, 8, 8, 8, 8]
     assert {t.image_size for t in cfg.tasks} == {32}
 
 

@@ -1,7 +1,8 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
-from gppf.lego.layers import LegoBatchNorm2d, LegoConv2d, LegoLinear
+from gppf.lego.layers import LegoBatchNorm2d, LegoConv2d, LegoIndex, LegoLinear, lego_gather
 from gppf.lego.router import lego_channels
 
 
@@ -47,3 +48,137 @@ def test_bn_updates_only_selected_running_stats_and_matches_dense_bn():
     bn.eval()
     dense.eval()
     torch.testing.assert_close(bn(x, idx=idx), dense(x))
+
+
+# --- lego_gather: gradients accumulate in place into the full-size .grad ---------------------------
+
+def _reference_gather(param, rows=None, cols=None):
+    """The previous implementation: index_select with ordinary autograd."""
+    out = param if rows is None else param.index_select(0, _channels(rows))
+    return out if cols is None else out.index_select(1, _channels(cols))
+
+
+def _channels(index):
+    return index.channels() if isinstance(index, LegoIndex) else index
+
+
+def _selection(kind: str, blocks: bool, shape: tuple[int, ...]):
+    rows = LegoIndex(torch.tensor([3, 1]), shape[0] // 4) if kind in ("rows", "both") else None
+    cols = LegoIndex(torch.tensor([0, 2]), shape[1] // 4) if kind in ("cols", "both") else None
+    if not blocks:
+        rows = None if rows is None else rows.channels()
+        cols = None if cols is None else cols.channels()
+    return rows, cols
+
+
+@pytest.mark.parametrize("shape", [(8, 12, 3, 3), (8, 12)])
+@pytest.mark.parametrize("blocks", [True, False], ids=["lego_index", "channels"])
+@pytest.mark.parametrize("kind", ["rows", "cols", "both"])
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])
+def test_gather_accumulates_like_index_select_autograd(kind, blocks, shape, autocast):
+    torch.manual_seed(0)
+    new = torch.nn.Parameter(torch.randn(shape))
+    old = torch.nn.Parameter(new.detach().clone())
+    rows, cols = _selection(kind, blocks, shape)
+    for _ in range(2):  # two backward passes accumulate (one per task in a SIMT step)
+        x_B = torch.randn(5, *(_channels(cols).numel() if cols is not None else shape[1], *shape[2:]))
+        for param, gather in ((new, lego_gather), (old, _reference_gather)):
+            w = gather(param, rows, cols)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                y = F.conv2d(x_B, w, padding=1) if w.dim() == 4 else F.linear(x_B, w)
+            (y.float() * torch.arange(y.numel()).view_as(y).sin()).sum().backward()
+    assert new.grad.dtype == torch.float32 and new.grad.shape == new.shape
+    assert torch.equal(new.grad, old.grad)
+    mask = torch.zeros(shape[:2], dtype=torch.bool)
+    row_ch = torch.arange(shape[0]) if rows is None else _channels(rows)
+    col_ch = torch.arange(shape[1]) if cols is None else _channels(cols)
+    mask[row_ch[:, None], col_ch[None, :]] = True
+    assert new.grad[~mask].abs().sum() == 0 and new.grad[mask].abs().sum() > 0
+
+
+def test_gather_grad_is_persistent_and_matches_param_layout():
+    conv = LegoConv2d(in_channels=8, out_channels=8, kernel_size=3, padding=1)
+    conv.to(memory_format=torch.channels_last)
+    assert conv.weight.is_contiguous(), "full-size lego weights stay contiguous"
+    idx = LegoIndex(torch.tensor([1]), 4)
+    x = torch.randn(2, 4, 6, 6).to(memory_format=torch.channels_last)
+    conv(x, in_idx=idx, out_idx=idx).sum().backward()
+    grad = conv.weight.grad
+    assert grad is not None and grad.stride() == conv.weight.stride()
+    conv(x, in_idx=idx, out_idx=idx).sum().backward()
+    assert conv.weight.grad is grad  # accumulated in place, never replaced
+
+
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
+def test_gather_rejects_autograd_grad_and_double_backward():
+    lin = LegoLinear(in_features=4, out_features=8)
+    idx = LegoIndex(torch.tensor([1]), 4)
+    x = torch.randn(3, 4)
+    with pytest.raises(RuntimeError, match="autograd.grad"):
+        torch.autograd.grad(lin(x, out_idx=idx).sum(), lin.weight)
+    with pytest.raises(RuntimeError, match="double backward"):
+        lin(x, out_idx=idx).sum().backward(create_graph=True)
+
+
+def test_gather_of_a_non_leaf_uses_plain_autograd():
+    base = torch.randn(8, 6, requires_grad=True)
+    idx = LegoIndex(torch.tensor([1]), 4)
+    (g,) = torch.autograd.grad(lego_gather(base * 2, idx, None).sum(), base)
+    expected = torch.zeros(8, 6)
+    expected[4:] = 2
+    assert torch.equal(g, expected)
+
+
+def test_bn_with_lego_index_matches_channel_indices():
+    torch.manual_seed(0)
+    a, b = LegoBatchNorm2d(8), LegoBatchNorm2d(8)
+    for bn in (a, b):
+        torch.nn.init.uniform_(bn.weight)
+        torch.nn.init.uniform_(bn.bias)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(4, 4, 5, 5)
+    gate = torch.ones(4, requires_grad=True)
+    idx = LegoIndex(torch.tensor([2, 0]), 2)
+    ya, yb = a(x, idx=idx, gate=gate), b(x, idx=idx.channels(), gate=gate)
+    torch.testing.assert_close(ya, yb, rtol=0, atol=0)
+    (ya * x).sum().backward()
+    (yb * x).sum().backward()
+    for name in ("weight", "bias"):
+        assert torch.equal(getattr(a, name).grad, getattr(b, name).grad)
+    torch.testing.assert_close(a.running_mean, b.running_mean, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name, kw", [
+    ("gppf_r50", dict(legos=8, active=2, width_mult=0.25)),
+    ("gppf_vit_tiny", dict(depth=2, image_size=32, patch_size=8)),
+])
+def test_backbone_gradients_match_index_select(monkeypatch, name, kw):
+    """Two tasks' backward passes + router losses under bf16 autocast: same .grad as index_select."""
+    import copy
+
+    import gppf
+    import gppf.backbones.lego_vit as lego_vit
+    import gppf.lego.layers as layers
+
+    def step(model):
+        torch.manual_seed(1)
+        x = torch.randn(2, 3, 32, 32)
+        for task in ("a", "b"):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = model.forward_pooled(x, task).float()
+            (y * torch.randn_like(y)).sum().backward()
+        aux = sum(model.router.aux_losses().values())
+        if torch.is_tensor(aux) and aux.requires_grad:
+            aux.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    torch.manual_seed(0)
+    model = gppf.create_backbone(name, tasks=["a", "b"], **kw).train()
+    twin = copy.deepcopy(model)
+    new = step(model)
+    monkeypatch.setattr(layers, "lego_gather", _reference_gather)
+    monkeypatch.setattr(lego_vit, "lego_gather", _reference_gather)
+    old = step(twin)
+    assert new.keys() == old.keys()
+    for key in new:
+        torch.testing.assert_close(new[key], old[key], rtol=0, atol=1e-6, msg=key)

@@ -17,6 +17,10 @@ def _randomize(model: torch.nn.Module) -> None:
             m.bias.data = torch.randn(n, generator=g) * 0.1
             m.running_mean.data = torch.randn(n, generator=g) * 0.1
             m.running_var.data = torch.rand(n, generator=g) + 0.5
+            if hasattr(m, "task_running_mean"):  # per-task statistics: different for every task
+                t = m.task_running_mean.shape[0]
+                m.task_running_mean.data = torch.randn(t, n, generator=g) * 0.1
+                m.task_running_var.data = torch.rand(t, n, generator=g) + 0.5
 
 
 @pytest.mark.parametrize(

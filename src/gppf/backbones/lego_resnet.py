@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gppf.backbones.base import BACKBONES, LegoBackbone
-from gppf.lego.layers import LegoBatchNorm2d, LegoConv2d
-from gppf.lego.router import TaskRouter, gate_channels, lego_channels
+from gppf.lego.layers import LegoBatchNorm2d, LegoConv2d, LegoIndex
+from gppf.lego.router import TaskRouter, gate_channels
 
 RouteList = list[tuple[Tensor, Tensor | None]]
 
@@ -37,11 +37,11 @@ class _LegoBlock(nn.Module):
     legos: int
     active: int
 
-    def _sel(self, route: tuple[Tensor, Tensor | None]) -> tuple[Tensor | None, Tensor | None]:
+    def _sel(self, route: tuple[Tensor, Tensor | None]) -> tuple[LegoIndex | None, Tensor | None]:
         idx_K, gate_K = route
         if self.legos == self.active and gate_K is None:
             return None, None  # every lego active: the dense fast path
-        return lego_channels(idx_K, self.lego_width), gate_channels(gate_K, self.lego_width)
+        return LegoIndex(idx_K, self.lego_width), gate_channels(gate_K, self.lego_width)
 
 
 class LegoBasicBlock(_LegoBlock):
@@ -65,10 +65,10 @@ class LegoBasicBlock(_LegoBlock):
 
     def forward(self, x_BCHW: Tensor, routes: RouteList) -> Tensor:
         ch, gate = self._sel(routes[0])
-        out = F.relu(self.bn1(self.conv1(x_BCHW, out_idx=ch), idx=ch, gate=gate))
+        out = F.relu(self.bn1(self.conv1(x_BCHW, out_idx=ch), idx=ch, gate=gate), inplace=True)
         out = self.bn2(self.conv2(out, in_idx=ch))
-        identity = x_BCHW if self.downsample is None else self.downsample(x_BCHW)
-        return F.relu(out + identity)
+        out += x_BCHW if self.downsample is None else self.downsample(x_BCHW)
+        return F.relu(out, inplace=True)
 
 
 class LegoBottleneck(_LegoBlock):
@@ -96,11 +96,11 @@ class LegoBottleneck(_LegoBlock):
     def forward(self, x_BCHW: Tensor, routes: RouteList) -> Tensor:
         ch1, gate1 = self._sel(routes[0])
         ch2, gate2 = self._sel(routes[1])
-        out = F.relu(self.bn1(self.conv1(x_BCHW, out_idx=ch1), idx=ch1, gate=gate1))
-        out = F.relu(self.bn2(self.conv2(out, in_idx=ch1, out_idx=ch2), idx=ch2, gate=gate2))
+        out = F.relu(self.bn1(self.conv1(x_BCHW, out_idx=ch1), idx=ch1, gate=gate1), inplace=True)
+        out = F.relu(self.bn2(self.conv2(out, in_idx=ch1, out_idx=ch2), idx=ch2, gate=gate2), inplace=True)
         out = self.bn3(self.conv3(out, in_idx=ch2))
-        identity = x_BCHW if self.downsample is None else self.downsample(x_BCHW)
-        return F.relu(out + identity)
+        out += x_BCHW if self.downsample is None else self.downsample(x_BCHW)  # in place, as torchvision
+        return F.relu(out, inplace=True)
 
 
 class LegoResNet(LegoBackbone):
@@ -141,6 +141,7 @@ class LegoResNet(LegoBackbone):
         self.router = TaskRouter(tasks=tasks, num_layers=num_points, num_legos=legos, active=active,
                                  **(router_kwargs or {}))
         self._init_weights(zero_init_residual)
+        self.init_task_statistics()
 
     def _init_weights(self, zero_init_residual: bool) -> None:
         for m in self.modules():
@@ -156,7 +157,7 @@ class LegoResNet(LegoBackbone):
 
     def forward_features(self, x_BCHW: Tensor, task: str) -> list[Tensor]:
         route = self.router(task)
-        x = self.maxpool(F.relu(self.bn1(self.conv1(x_BCHW))))
+        x = self.maxpool(F.relu(self.bn1(self.conv1(x_BCHW)), inplace=True))
         outs, point = [], 0
         for i in range(4):
             for blk in getattr(self, f"layer{i + 1}"):

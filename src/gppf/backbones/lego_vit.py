@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gppf.backbones.base import BACKBONES, Features, LegoBackbone
-from gppf.lego.router import TaskRouter, gate_channels, lego_channels
+from gppf.lego.layers import LegoIndex, lego_gather
+from gppf.lego.router import TaskRouter, gate_channels
 
 
 class LegoAttention(nn.Module):
@@ -35,12 +36,13 @@ class LegoAttention(nn.Module):
         nn.init.zeros_(self.out_proj.bias)
 
     def forward(self, x_BSD: Tensor, idx_K: Tensor, gate_K: Tensor | None) -> Tensor:
-        ch = lego_channels(idx_K, self.lego_width)
-        rows = torch.cat([ch, ch + self.total, ch + 2 * self.total])
-        w_qkv = self.in_proj_weight.index_select(0, rows)
-        b_qkv = self.in_proj_bias.index_select(0, rows)
+        legos = self.total // self.lego_width
+        ch = LegoIndex(idx_K, self.lego_width)
+        rows = LegoIndex(torch.cat([idx_K, idx_K + legos, idx_K + 2 * legos]), self.lego_width)  # q, k, v
+        w_qkv = lego_gather(self.in_proj_weight, rows)
+        b_qkv = lego_gather(self.in_proj_bias, rows)
         gate = gate_channels(gate_K, self.lego_width)
-        w_out = self.out_proj.weight.index_select(1, ch)
+        w_out = lego_gather(self.out_proj.weight, None, ch)
         if gate is not None:
             w_out = w_out * gate[None, :]
         B, S, _ = x_BSD.shape
@@ -64,12 +66,12 @@ class LegoMLP(nn.Module):
             nn.init.normal_(fc.bias, std=1e-6)
 
     def forward(self, x_BSD: Tensor, idx_K: Tensor, gate_K: Tensor | None) -> Tensor:
-        ch = lego_channels(idx_K, self.lego_width)
-        w2 = self.fc2.weight.index_select(1, ch)
+        ch = LegoIndex(idx_K, self.lego_width)
+        w2 = lego_gather(self.fc2.weight, None, ch)
         gate = gate_channels(gate_K, self.lego_width)
         if gate is not None:
             w2 = w2 * gate[None, :]
-        h = F.gelu(F.linear(x_BSD, self.fc1.weight.index_select(0, ch), self.fc1.bias.index_select(0, ch)))
+        h = F.gelu(F.linear(x_BSD, lego_gather(self.fc1.weight, ch), lego_gather(self.fc1.bias, ch)))
         return F.linear(h, w2, self.fc2.bias)
 
 

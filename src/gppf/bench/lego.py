@@ -9,20 +9,28 @@ interleaved (dense, routed with ``legos_large`` legos, routed with ``legos_small
 * ``act_mem_ratio_vs_dense``: allocator peak of one step above parameters, gradients and optimizer
   state (taken after a warm-up step, ``zero_grad(set_to_none=False)``), routed(N=legos_large) / dense.
 
-A step is ``zero_grad``, forward, cross-entropy of a ``Linear(pooled, 1000)`` head on random labels,
-backward and ``SGD(lr=1e-3, momentum=0.9, weight_decay=1e-4)`` with the same implementation for every
-model (``--sgd fused``, the default: one kernel per tensor, though on CPU it clones channels_last
-tensors; or ``--sgd foreach``). Defaults: batch 16 at 224 px, N=16 vs N=4 at k=4, 7 timed rounds
-after 2 warm-up rounds, 1 thread (on a shared 2-core machine, OpenMP barriers of multi-threaded ops
-make timings erratic; pass ``--threads``).
+``median_phase_s`` splits each model's timed steps into zero_grad / forward (with loss) / backward /
+optimizer.
+
+A step is ``zero_grad(set_to_none=False)`` (gppf's engine keeps every ``.grad``), forward,
+cross-entropy of a ``Linear(pooled, 1000)`` head on random labels, backward and
+``SGD(lr=1e-3, momentum=0.9, weight_decay=1e-4)`` with the same implementation for every model
+(``--sgd fused``, the default: one kernel per tensor, though on CPU it clones channels_last tensors,
+i.e. the dense model's convolution weights (full-size lego weights are kept contiguous); or
+``--sgd foreach``). The optimizer and ``zero_grad`` touch every lego, so their cost grows with N.
+Defaults: batch 16 at 224 px, N=16 vs N=4 at k=4, 7 timed rounds after 2 warm-up rounds, 1 thread (on
+a shared 2-core machine, OpenMP barriers of multi-threaded ops make timings erratic; pass
+``--threads``).
 ``--quick``: batch 2 at 64 px, N=4 vs N=2 at k=2, one timed round (a smoke test, not a measurement).
 """
 from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import sys
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
 import torch
@@ -55,6 +63,7 @@ NUM_CLASSES = 1000
 TASK = "t"
 SGD_KW: dict[str, Any] = dict(lr=1e-3, momentum=0.9, weight_decay=1e-4)
 SgdImpl = Literal["fused", "foreach"]
+PHASES = ("zero_grad", "forward", "backward", "optimizer")
 
 
 class RoutedClassifier(nn.Module):
@@ -77,14 +86,26 @@ class Trainee:
     opt: torch.optim.Optimizer
     x_BCHW: Tensor
     y_B: Tensor
+    phases_s: dict[str, list[float]] = field(default_factory=dict)  # wall time of each step's phases
 
-    def step(self, *, set_to_none: bool = True) -> None:
-        """One SGD step under bf16 autocast."""
+    def step(self, *, set_to_none: bool = False) -> None:
+        """One SGD step under bf16 autocast (gradients persist, as in gppf's engine)."""
+        t0 = time.perf_counter()
         self.opt.zero_grad(set_to_none=set_to_none)
+        t1 = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits = self.model(self.x_BCHW)
-        F.cross_entropy(logits.float(), self.y_B).backward()
+            loss = F.cross_entropy(self.model(self.x_BCHW).float(), self.y_B)
+        t2 = time.perf_counter()
+        loss.backward()
+        t3 = time.perf_counter()
         self.opt.step()
+        t4 = time.perf_counter()
+        for name, dt in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+            self.phases_s.setdefault(name, []).append(dt)
+
+    def median_phases(self, last: int) -> dict[str, float]:
+        """Median wall time of each phase over the ``last`` steps."""
+        return {name: statistics.median(self.phases_s[name][-last:]) for name in PHASES}
 
 
 def make_sgd(params: Any, *, impl: SgdImpl) -> torch.optim.SGD:
@@ -119,8 +140,8 @@ def build_trainees(
 
 def step_memory(trainee: Trainee) -> int:
     """Allocator peak of one step beyond params/grads/optimizer state (after a warm-up step)."""
-    trainee.step(set_to_none=False)  # .grad and momentum buffers exist and persist from here on
-    return peak_alloc_bytes(lambda: trainee.step(set_to_none=False))
+    trainee.step()  # .grad and momentum buffers exist and persist from here on
+    return peak_alloc_bytes(trainee.step)
 
 
 def state_bytes(trainee: Trainee) -> int:
@@ -152,6 +173,7 @@ def run_lego_bench(
                                   legos_large=legos_large, active=active, sgd=sgd)
         steps: dict[str, Callable[[], None]] = {name: t.step for name, t in trainees.items()}
         samples = interleaved_times(steps, repeats=repeats, warmup=warmup)
+        phases = {name: t.median_phases(repeats) for name, t in trainees.items()}
         mem = {name: step_memory(t) for name, t in trainees.items()}
     med = medians(samples)
     values = {
@@ -164,13 +186,14 @@ def run_lego_bench(
         legos_small=legos_small, legos_large=legos_large, active=active, quick=quick,
         dtype="bfloat16 autocast", memory_format="channels_last", device="cpu",
         optimizer=f"SGD({', '.join(f'{k}={v}' for k, v in SGD_KW.items())}, {sgd}) for all models",
-        zero_grad="set_to_none=True for timing, False for memory", **env_info(),
+        zero_grad="set_to_none=False (as gppf's engine)", **env_info(),
     )
     return {
         "bench": "lego",
         **values,
         "median_step_s": med,
         "step_samples_s": samples,
+        "median_phase_s": phases,
         "step_act_peak_bytes": mem,
         "param_and_optim_state_bytes": {name: state_bytes(t) for name, t in trainees.items()},
         "goals": dict(GOALS),

@@ -27,8 +27,9 @@ def _route_channels(backbone: LegoResNet, task: str) -> list[Tensor]:
 
 
 def _bn_state(prefix: str, bn: nn.BatchNorm2d, idx: Tensor | None) -> dict[str, Tensor]:
+    """Affine + running statistics of one BN (call inside ``backbone.task_statistics(task)``)."""
     names = ["weight", "bias", "running_mean", "running_var"]
-    state = {f"{prefix}.{n}": getattr(bn, n).detach() for n in names}
+    state = {f"{prefix}.{n}": getattr(bn, n).detach().clone() for n in names}
     if idx is not None:
         state = {k: v.index_select(0, idx) for k, v in state.items()}
     state[f"{prefix}.num_batches_tracked"] = bn.num_batches_tracked.detach().clone()
@@ -46,9 +47,19 @@ def _conv(w: Tensor, out_idx: Tensor | None, in_idx: Tensor | None) -> Tensor:
 
 def resnet_dense_state(backbone: LegoResNet, task: str) -> dict[str, Tensor]:
     """State dict in torchvision ResNet naming for ``task``'s active sub-network (no ``fc``)."""
+    was_training = backbone.training
+    backbone.eval()  # read the task's own BN running statistics, change nothing
+    try:
+        with backbone.task_statistics(task):
+            return _resnet_dense_state(backbone, task)
+    finally:
+        backbone.train(was_training)
+
+
+def _resnet_dense_state(backbone: LegoResNet, task: str) -> dict[str, Tensor]:
     chans = iter(_route_channels(backbone, task))
-    shared = {k: v.detach().clone() for k, v in backbone.state_dict().items()
-              if k.startswith(("conv1.", "bn1.")) or ".downsample." in k}
+    sd = {k: v.detach().clone() for k, v in backbone.state_dict().items() if ".task_running_" not in k}
+    shared = {k: v for k, v in sd.items() if k.startswith(("conv1.", "bn1.")) or ".downsample." in k}
     state = dict(shared)
     for name, blk in _named_blocks(backbone):
         c1 = next(chans)
