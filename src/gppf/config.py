@@ -104,7 +104,8 @@ class TrainConfig:
     checkpoint_every: int = 200
     keep_last: int = 3
     max_bad_steps: int = 5
-    num_workers: int = 0
+    num_workers: int = 1  # DataLoader workers per task (0 = load in the training process)
+    threads: int = 0  # intra-op CPU threads; 0 = auto: half the cores (>= 1), the rest feed the loaders
     progress: bool = True
 
 
