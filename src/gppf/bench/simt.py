@@ -1,7 +1,8 @@
 """``gppf bench simt``: cost of one SIMT step against per-task steps, its peak memory, and data wait.
 
-One process, fixed thread count, the run built by ``build_run`` from a config (default: the built-in
-six-task recipe) with its own model, optimizer, SIMT step and task streams:
+One process with the run's thread count (``train.threads``; ``--threads`` sets it) and the run built by
+``build_run`` from a config (default: the built-in six-task recipe): its model, optimizer, SIMT step
+and task streams with the config's loader settings:
 
 * ``simt_vs_alternating``: median time of one SIMT step over all T tasks / median over rounds of the
   summed times of T single-task steps (same model, optimizer and pre-fetched batches; each step is the
@@ -137,6 +138,7 @@ def config_summary(run: Any, *, threads: int, quick: bool) -> dict[str, Any]:
         "width_mult": cfg.model.width_mult, "amp": cfg.train.amp, "channels_last": cfg.train.channels_last,
         "optimizer": cfg.train.optimizer, "grad_clip": cfg.train.grad_clip,
         "loss_weighting": cfg.train.loss_weighting, "device": str(run.device), "threads": threads,
+        "train.threads": cfg.train.threads,
         "quick": quick, **env_info(),
     }
 
@@ -210,16 +212,32 @@ def state_bytes(run: Any) -> int:
 
 def run_simt_bench(*, config: str | None, overrides: list[str], repeats: int, warmup: int,
                    threads: int | None, quick: bool) -> dict[str, Any]:
-    """Build the run, measure step-time ratio, peak-memory ratio and data wait; a JSON-ready dict."""
+    """Build the run, measure step-time ratio, peak-memory ratio and data wait; a JSON-ready dict.
+
+    ``threads`` becomes ``train.threads`` (``build_run`` sets the intra-op thread count; ``None``: the
+    config's, whose 0 means auto); the caller's thread count is restored on return.
+    """
     from gppf.engine.trainer import build_run
 
-    cfg = load_bench_config(config=config, overrides=overrides, quick=quick)
+    extra = [] if threads is None else [f"train.threads={threads}"]
+    cfg = load_bench_config(config=config, overrides=[*overrides, *extra], quick=quick)
     load_before = os.getloadavg()[0]
-    with fixed_threads(threads) as n_threads, tempfile.TemporaryDirectory(prefix="gppf-bench-simt-") as tmp:
+    with fixed_threads(None), tempfile.TemporaryDirectory(prefix="gppf-bench-simt-") as tmp:
         run = build_run(cfg, run_dir=Path(tmp), resume=False)
-        result = measure_run(run, repeats=repeats, warmup=warmup, threads=n_threads, quick=quick)
+        try:
+            result = measure_run(run, repeats=repeats, warmup=warmup, threads=torch.get_num_threads(), quick=quick)
+        finally:
+            close_streams(run)
     result["config"]["load_avg_1m"] = [load_before, os.getloadavg()[0]]  # before, after: context for noise
     return result
+
+
+def close_streams(run: Any) -> None:
+    """Stop the loader worker processes of the run's streams now (not at garbage collection)."""
+    for stream in run.streams.values():
+        shutdown = getattr(getattr(stream, "_it", None), "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
 
 
 def measure_run(run: Any, *, repeats: int, warmup: int, threads: int, quick: bool) -> dict[str, Any]:
@@ -275,7 +293,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny smoke-test sizes and step counts")
     p.add_argument("--repeats", type=int, help="timed interleaved rounds (default 7; quick 2)")
     p.add_argument("--warmup", type=int, help="untimed rounds first (default 2; quick 1)")
-    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's current)")
+    p.add_argument("--threads", type=int, help="torch intra-op threads = train.threads (default: the config's)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     return p.parse_args(argv)
 
