@@ -114,3 +114,24 @@ def test_corrupt_image_without_skip_names_the_file(tmp_path, tiny_cfg):
     ])
     with pytest.raises(DataError, match="broken.png"):
         train(cfg, run_dir=tmp_path / "run")
+
+
+def test_packed_targets_keep_values_types_and_metadata():
+    from torchvision import tv_tensors
+
+    from gppf.engine.data import pack_targets
+
+    targets = [
+        {"boxes": tv_tensors.BoundingBoxes(torch.tensor([[1.0, 2, 3, 4]]), format="XYXY", canvas_size=(8, 9)),
+         "labels": torch.tensor([3]), "keypoints": torch.rand(5, 3), "image_id": 7},
+        {"boxes": tv_tensors.BoundingBoxes(torch.zeros(0, 4), format="XYXY", canvas_size=(8, 9)),
+         "labels": torch.zeros(0, dtype=torch.long), "keypoints": torch.rand(5, 3), "image_id": 8},
+    ]
+    packed = pack_targets(targets)
+    for old, new in zip(targets, packed):
+        assert new["image_id"] == old["image_id"]
+        for key in ("boxes", "labels", "keypoints"):
+            assert type(new[key]) is type(old[key]) and torch.equal(new[key], old[key])
+        assert new["boxes"].format == old["boxes"].format and new["boxes"].canvas_size == (8, 9)
+    # one storage per dtype
+    assert packed[0]["keypoints"].untyped_storage().data_ptr() == packed[1]["boxes"].untyped_storage().data_ptr()
