@@ -52,10 +52,12 @@ def test_bn_updates_only_selected_running_stats_and_matches_dense_bn():
 
 # --- lego_gather: gradients accumulate in place into the full-size .grad ---------------------------
 
-def _reference_gather(param, rows=None, cols=None):
-    """The previous implementation: index_select with ordinary autograd."""
+def _reference_gather(param, rows=None, cols=None, *, dtype=None, channels_last=False):
+    """The previous implementation: index_select with ordinary autograd (then cast / relayout)."""
     out = param if rows is None else param.index_select(0, _channels(rows))
-    return out if cols is None else out.index_select(1, _channels(cols))
+    out = out if cols is None else out.index_select(1, _channels(cols))
+    out = out if dtype is None else out.to(dtype)
+    return out.contiguous(memory_format=torch.channels_last) if channels_last and out.dim() == 4 else out
 
 
 def _channels(index):

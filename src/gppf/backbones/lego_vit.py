@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from gppf.backbones.base import BACKBONES, Features, LegoBackbone
 from gppf.lego.layers import LegoIndex, lego_gather
+from gppf.lego.optim import mark_lego_param
 from gppf.lego.router import TaskRouter, gate_channels
 
 
@@ -34,6 +35,8 @@ class LegoAttention(nn.Module):
         self.out_proj = nn.Linear(self.total, dim)
         nn.init.xavier_uniform_(self.in_proj_weight)
         nn.init.zeros_(self.out_proj.bias)
+        for p in (self.in_proj_weight, self.in_proj_bias):  # rows are q/k/v channels of lego heads
+            mark_lego_param(p)
 
     def forward(self, x_BSD: Tensor, idx_K: Tensor, gate_K: Tensor | None) -> Tensor:
         legos = self.total // self.lego_width
@@ -64,6 +67,8 @@ class LegoMLP(nn.Module):
         for fc in (self.fc1, self.fc2):
             nn.init.xavier_uniform_(fc.weight)
             nn.init.normal_(fc.bias, std=1e-6)
+        mark_lego_param(self.fc1.weight)  # rows are hidden (lego) units
+        mark_lego_param(self.fc1.bias)
 
     def forward(self, x_BSD: Tensor, idx_K: Tensor, gate_K: Tensor | None) -> Tensor:
         ch = LegoIndex(idx_K, self.lego_width)

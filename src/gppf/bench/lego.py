@@ -14,10 +14,14 @@ optimizer.
 
 A step is ``zero_grad(set_to_none=False)`` (gppf's engine keeps every ``.grad``), forward,
 cross-entropy of a ``Linear(pooled, 1000)`` head on random labels, backward and
-``SGD(lr=1e-3, momentum=0.9, weight_decay=1e-4)`` with the same implementation for every model
+``SGD(lr=1e-3, momentum=0.9, weight_decay=1e-4)`` with the same kernels for every model
 (``--sgd fused``, the default: one kernel per tensor, though on CPU it clones channels_last tensors,
 i.e. the dense model's convolution weights (full-size lego weights are kept contiguous); or
-``--sgd foreach``). The optimizer and ``zero_grad`` touch every lego, so their cost grows with N.
+``--sgd foreach``): ``torch.optim.SGD`` for the dense model and gppf's ``LegoSGD`` (what gppf trains
+with) for the routed ones. ``LegoSGD`` gives the same parameters as ``torch.optim.SGD`` but updates and
+zeroes only the legos a step used, catching the others up in closed form when they are next read, so
+its cost does not grow with N. ``--no-lazy``: ``torch.optim.SGD`` for the routed models too (every
+lego read and written every step).
 Defaults: batch 16 at 224 px, N=16 vs N=4 at k=4, 7 timed rounds after 2 warm-up rounds, 1 thread (on
 a shared 2-core machine, OpenMP barriers of multi-threaded ops make timings erratic; pass
 ``--threads``).
@@ -39,6 +43,7 @@ import torchvision
 from torch import Tensor, nn
 
 import gppf
+from gppf.lego.optim import LegoSGD
 from gppf.bench.common import (
     emit,
     env_info,
@@ -108,25 +113,31 @@ class Trainee:
         return {name: statistics.median(self.phases_s[name][-last:]) for name in PHASES}
 
 
-def make_sgd(params: Any, *, impl: SgdImpl) -> torch.optim.SGD:
-    """``SGD`` with momentum and weight decay, ``fused`` or ``foreach`` implementation."""
+def make_sgd(params: Any, *, impl: SgdImpl, lazy: bool) -> torch.optim.Optimizer:
+    """SGD with momentum and weight decay, ``fused`` or ``foreach`` kernels: ``torch.optim.SGD`` for the
+    dense model, gppf's ``LegoSGD`` (the same update, deferred for unused legos) if ``lazy``."""
     if impl not in ("fused", "foreach"):
         raise ValueError(f"unknown SGD implementation {impl!r}")
-    return torch.optim.SGD(params, **SGD_KW, fused=impl == "fused", foreach=impl == "foreach")
+    kernels = dict(fused=impl == "fused", foreach=impl == "foreach")
+    if lazy:
+        return LegoSGD(params, **SGD_KW, **kernels)
+    return torch.optim.SGD(params, **SGD_KW, **kernels)
 
 
-def make_trainee(model: nn.Module, *, batch: int, image_size: int, sgd: SgdImpl, seed: int = 0) -> Trainee:
+def make_trainee(
+    model: nn.Module, *, batch: int, image_size: int, sgd: SgdImpl, lazy: bool, seed: int = 0
+) -> Trainee:
     """Put ``model`` in train mode and channels_last; the batch depends only on ``seed``."""
     model.train().to(memory_format=torch.channels_last)
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, 3, image_size, image_size, generator=gen).to(memory_format=torch.channels_last)
     y = torch.randint(0, NUM_CLASSES, (batch,), generator=gen)
-    opt = make_sgd(model.parameters(), impl=sgd)
+    opt = make_sgd(model.parameters(), impl=sgd, lazy=lazy)
     return Trainee(model=model, opt=opt, x_BCHW=x, y_B=y)
 
 
 def build_trainees(
-    *, batch: int, image_size: int, legos_small: int, legos_large: int, active: int, sgd: SgdImpl
+    *, batch: int, image_size: int, legos_small: int, legos_large: int, active: int, sgd: SgdImpl, lazy: bool = True
 ) -> dict[str, Trainee]:
     """``dense``, ``routed_large`` and ``routed_small`` trainees on the same batch (init seeded once)."""
     torch.manual_seed(0)
@@ -135,7 +146,8 @@ def build_trainees(
         "routed_large": RoutedClassifier(legos=legos_large, active=active),
         "routed_small": RoutedClassifier(legos=legos_small, active=active),
     }
-    return {name: make_trainee(m, batch=batch, image_size=image_size, sgd=sgd) for name, m in models.items()}
+    return {name: make_trainee(m, batch=batch, image_size=image_size, sgd=sgd, lazy=lazy and name != "dense")
+            for name, m in models.items()}
 
 
 def step_memory(trainee: Trainee) -> int:
@@ -166,11 +178,12 @@ def run_lego_bench(
     active: int,
     quick: bool,
     sgd: SgdImpl = "fused",
+    lazy: bool = True,
 ) -> dict[str, Any]:
     """Measure the routed-vs-dense step time and activation memory ratios; returns a JSON-ready dict."""
     with fixed_threads(threads) as n_threads:
         trainees = build_trainees(batch=batch, image_size=image_size, legos_small=legos_small,
-                                  legos_large=legos_large, active=active, sgd=sgd)
+                                  legos_large=legos_large, active=active, sgd=sgd, lazy=lazy)
         steps: dict[str, Callable[[], None]] = {name: t.step for name, t in trainees.items()}
         samples = interleaved_times(steps, repeats=repeats, warmup=warmup)
         phases = {name: t.median_phases(repeats) for name, t in trainees.items()}
@@ -185,7 +198,8 @@ def run_lego_bench(
         batch=batch, image_size=image_size, repeats=repeats, warmup=warmup, threads=n_threads,
         legos_small=legos_small, legos_large=legos_large, active=active, quick=quick,
         dtype="bfloat16 autocast", memory_format="channels_last", device="cpu",
-        optimizer=f"SGD({', '.join(f'{k}={v}' for k, v in SGD_KW.items())}, {sgd}) for all models",
+        optimizer=f"SGD({', '.join(f'{k}={v}' for k, v in SGD_KW.items())}, {sgd} kernels): torch.optim.SGD "
+                  f"for the dense model, {'gppf LegoSGD' if lazy else 'torch.optim.SGD'} for the routed ones",
         zero_grad="set_to_none=False (as gppf's engine)", **env_info(),
     )
     return {
@@ -212,6 +226,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, help="untimed rounds first (default 2; quick 1)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default 1)")
     p.add_argument("--sgd", choices=["fused", "foreach"], default="fused", help="SGD implementation (default fused)")
+    p.add_argument("--no-lazy", action="store_true",
+                   help="routed models use torch.optim.SGD (every lego updated every step) instead of LegoSGD")
     p.add_argument("--legos-small", type=int, help="N of the smaller routed model (default 4)")
     p.add_argument("--legos-large", type=int, help="N of the larger routed model (default 16)")
     p.add_argument("--active", type=int, help="k active legos per routing point (default 4)")
@@ -223,7 +239,7 @@ def main_lego(argv: list[str]) -> int:
     args = parse_args(argv)
     kw = {**DEFAULTS, **(QUICK if args.quick else {})}
     kw.update({k: v for k, v in vars(args).items() if k in kw and v is not None})
-    result = run_lego_bench(**kw, quick=args.quick, sgd=args.sgd)
+    result = run_lego_bench(**kw, quick=args.quick, sgd=args.sgd, lazy=not args.no_lazy)
     emit(result, as_json=args.json)
     return 0 if all(math.isfinite(result[k]) for k in GOALS) else 1
 

@@ -24,12 +24,15 @@ under autocast the accumulated gradient keeps the parameter's dtype. Consequence
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from gppf.lego.optim import lazy_cells, mark_lego_param
 
 
 @dataclass(frozen=True)
@@ -38,11 +41,19 @@ class LegoIndex:
 
     idx_K: Tensor
     width: int
+    _host: Any = field(default=None, init=False, repr=False, compare=False)  # cached numpy channels
 
     def channels(self) -> Tensor:
         """The ``[k * width]`` channel indices (as ``gppf.lego.lego_channels``)."""
         offs = torch.arange(self.width, device=self.idx_K.device)
         return (self.idx_K[:, None] * self.width + offs[None, :]).reshape(-1)
+
+    def host_channels(self) -> np.ndarray:
+        """``channels()`` as a (cached) ``numpy`` array, for host-side bookkeeping."""
+        if self._host is None:
+            idx = self.idx_K.cpu().numpy()
+            object.__setattr__(self, "_host", (idx[:, None] * self.width + np.arange(self.width)).reshape(-1))
+        return self._host
 
 
 Index = Union[Tensor, LegoIndex]
@@ -101,16 +112,83 @@ def _plan(shape: torch.Size, rows: Index | None, cols: Index | None) -> _Plan:
     return _Plan((shape[0] * (shape[1] // bi), -1), 0, cells, (row_ch.numel(), n_cols, *rest))
 
 
+Run = tuple[int, int, int]  # (first channel in the gathered tensor, first channel in the full one, count)
+
+
+def _runs(index: LegoIndex | None, size: int) -> list[Run]:
+    """Channel runs of a lego selection, consecutive legos merged (``None``: everything, one run)."""
+    if index is None:
+        return [(0, 0, size)]
+    runs: list[Run] = []
+    for lego in index.idx_K.tolist():
+        start = lego * index.width
+        if runs and runs[-1][1] + runs[-1][2] == start:
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + index.width)
+        else:
+            runs.append((runs[-1][0] + runs[-1][2] if runs else 0, start, index.width))
+    return runs
+
+
+@dataclass(frozen=True)
+class _BlockPlan:
+    """A gather of whole lego blocks on the host: one strided ``copy_`` per (row run, column run).
+
+    Each copy also casts (e.g. to the autocast dtype) and lays the result out as asked (channels_last
+    for a convolution fed channels_last), so a routed weight costs one pass over the selected
+    elements, as the cast of a dense weight does; the backward adds each gradient block into the
+    full-size ``.grad`` in one pass (with the dtype promotion), without temporaries.
+    """
+
+    row_runs: list[Run]
+    col_runs: list[Run] | None  # None: a 1-D tensor
+    out_shape: tuple[int, ...]
+
+    def _pairs(self) -> list[tuple[tuple[slice, ...], tuple[slice, ...]]]:
+        pairs = []
+        for dr, sr, nr in self.row_runs:
+            for dc, sc, nc in self.col_runs or [(0, 0, 0)]:
+                if self.col_runs is None:
+                    pairs.append(((slice(dr, dr + nr),), (slice(sr, sr + nr),)))
+                else:
+                    pairs.append(((slice(dr, dr + nr), slice(dc, dc + nc)), (slice(sr, sr + nr), slice(sc, sc + nc))))
+        return pairs
+
+    def gather(self, full: Tensor, *, dtype: torch.dtype | None = None, channels_last: bool = False) -> Tensor:
+        fmt = torch.channels_last if channels_last and len(self.out_shape) == 4 else torch.contiguous_format
+        out = torch.empty(self.out_shape, dtype=dtype or full.dtype, device=full.device, memory_format=fmt)
+        for dst, src in self._pairs():
+            out[dst].copy_(full[src])
+        return out
+
+    def accumulate(self, full_grad: Tensor, grad: Tensor) -> None:
+        for dst, src in self._pairs():
+            full_grad[src].add_(grad[dst])
+
+
+def _block_plan(shape: torch.Size, rows: Index | None, cols: Index | None, device: torch.device) -> _BlockPlan | None:
+    """A ``_BlockPlan`` for lego selections of a host tensor (``None`` where it does not apply)."""
+    if device.type != "cpu" or isinstance(rows, Tensor) or isinstance(cols, Tensor) or (rows is None and cols is None):
+        return None
+    if len(shape) == 1 and cols is not None:
+        return None
+    row_runs = _runs(rows, shape[0])
+    col_runs = None if len(shape) == 1 else _runs(cols, shape[1])
+    out_rows = sum(n for _, _, n in row_runs)
+    out_shape = (out_rows,) if col_runs is None else (out_rows, sum(n for _, _, n in col_runs), *shape[2:])
+    return _BlockPlan(row_runs, col_runs, out_shape)
+
+
 class _GatherIntoGrad(torch.autograd.Function):
     """Forward: the selected rows/columns. Backward: accumulate into ``param.grad``, return None."""
 
     @staticmethod
-    def forward(ctx: Any, param: Tensor, plan: _Plan) -> Tensor:  # type: ignore[override]
-        ctx.param, ctx.plan = param, plan
-        return plan.gather(param)
+    def forward(ctx: Any, param: Tensor, plan: _Plan | _BlockPlan, region: Any,  # type: ignore[override]
+                dtype: torch.dtype | None, channels_last: bool) -> Tensor:
+        ctx.param, ctx.plan, ctx.region = param, plan, region
+        return _apply_plan(plan, param, dtype, channels_last)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[None, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, None, None, None, None]:  # type: ignore[override]
         if torch.is_grad_enabled():
             raise RuntimeError("lego parameters accumulate into .grad: double backward is not supported")
         if not torch._C._will_engine_execute_node(ctx.next_functions[0][0]):  # the param's AccumulateGrad
@@ -119,20 +197,47 @@ class _GatherIntoGrad(torch.autograd.Function):
         if param.grad is None:
             param.grad = torch.zeros_like(param)
         ctx.plan.accumulate(param.grad, grad)
-        return None, None
+        lazy = lazy_cells(param)
+        if lazy is not None and ctx.region is not None:
+            lazy.track(ctx.region)
+        return None, None, None, None, None
 
 
-def lego_gather(param: Tensor, rows: Index | None = None, cols: Index | None = None) -> Tensor:
+def _apply_plan(plan: _Plan | _BlockPlan, full: Tensor, dtype: torch.dtype | None, channels_last: bool) -> Tensor:
+    if isinstance(plan, _BlockPlan):
+        return plan.gather(full, dtype=dtype, channels_last=channels_last)
+    out = plan.gather(full)
+    return out if dtype is None else out.to(dtype)
+
+
+def autocast_dtype(x: Tensor) -> torch.dtype | None:
+    """The autocast dtype for ``x``'s device if autocast is on there (gathered weights are made in it)."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+
+
+def lego_gather(
+    param: Tensor,
+    rows: Index | None = None,
+    cols: Index | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+) -> Tensor:
     """``param[rows][:, cols]`` (``None``: all); its gradient accumulates in place into ``param.grad``.
 
     Only a leaf ``param`` takes the in-place path; a non-leaf tensor is gathered with plain autograd.
     """
     if rows is None and cols is None:
         return param
-    plan = _plan(param.shape, rows, cols)
+    plan = _block_plan(param.shape, rows, cols, param.device) or _plan(param.shape, rows, cols)
+    lazy = lazy_cells(param)  # a LegoSGD defers this parameter's updates: catch up what we read
+    region = None if lazy is None else lazy.region(rows)
+    if lazy is not None:
+        lazy.before_gather(region)
     if not (param.is_leaf and param.requires_grad and torch.is_grad_enabled()):
-        return plan.gather(param)
-    return _GatherIntoGrad.apply(param, plan)
+        return _apply_plan(plan, param, dtype, channels_last)
+    return _GatherIntoGrad.apply(param, plan, region, dtype, channels_last)
 
 
 def _channels(index: Index) -> Tensor:
@@ -162,6 +267,9 @@ class LegoConv2d(nn.Module):
         self.stride, self.padding = stride, padding
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+        for p in (self.weight, self.bias):
+            if p is not None:
+                mark_lego_param(p)  # rows are output channels; LegoSGD skips the unused ones
         # Kaiming fan-out of the *active* sub-network, so a routed net starts like its dense twin.
         fan_out = (active_out_channels or out_channels) * kernel_size * kernel_size
         nn.init.normal_(self.weight, 0.0, math.sqrt(2.0 / fan_out))
@@ -171,8 +279,10 @@ class LegoConv2d(nn.Module):
         return super()._apply(lambda t: fn(t).contiguous(), recurse)
 
     def forward(self, x_BCHW: Tensor, *, in_idx: Index | None = None, out_idx: Index | None = None) -> Tensor:
-        weight = lego_gather(self.weight, out_idx, in_idx)
-        bias = None if self.bias is None else lego_gather(self.bias, out_idx)
+        dtype = autocast_dtype(x_BCHW)  # gather straight into the compute dtype and layout
+        cl = self.weight.shape[-1] > 1 and x_BCHW.is_contiguous(memory_format=torch.channels_last)
+        weight = lego_gather(self.weight, out_idx, in_idx, dtype=dtype, channels_last=cl)
+        bias = None if self.bias is None else lego_gather(self.bias, out_idx, dtype=dtype)
         return F.conv2d(x_BCHW, weight, bias, self.stride, self.padding)
 
 
@@ -184,6 +294,9 @@ class LegoLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        for p in (self.weight, self.bias):
+            if p is not None:
+                mark_lego_param(p)  # rows are output channels; LegoSGD skips the unused ones
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         if self.bias is not None:
             bound = 1 / math.sqrt(in_features)
@@ -197,8 +310,9 @@ class LegoLinear(nn.Module):
         out_idx: Index | None = None,
         gate_out: Tensor | None = None,
     ) -> Tensor:
-        weight = lego_gather(self.weight, out_idx, in_idx)
-        bias = None if self.bias is None else lego_gather(self.bias, out_idx)
+        dtype = autocast_dtype(x)
+        weight = lego_gather(self.weight, out_idx, in_idx, dtype=dtype)
+        bias = None if self.bias is None else lego_gather(self.bias, out_idx, dtype=dtype)
         if gate_out is not None:  # straight-through gate folded into the (small) weight, value 1
             weight = weight * gate_out[:, None]
             bias = None if bias is None else bias * gate_out
@@ -212,6 +326,12 @@ class LegoBatchNorm2d(nn.BatchNorm2d):
     straight-through router gate is folded into the gathered affine parameters (value 1), so it costs
     no activation memory or elementwise pass.
     """
+
+    def __init__(self, num_features: int, **kwargs: Any) -> None:
+        super().__init__(num_features, **kwargs)
+        if self.affine:
+            mark_lego_param(self.weight)
+            mark_lego_param(self.bias)
 
     def forward(self, x_BCHW: Tensor, *, idx: Index | None = None, gate: Tensor | None = None) -> Tensor:  # type: ignore[override]
         if idx is None and gate is None:
