@@ -89,6 +89,7 @@ class TrainConfig:
     steps: int = 600
     lr: float = 0.05
     optimizer: Literal["sgd", "adamw"] = "sgd"
+    lazy_legos: Literal["auto", "on", "off"] = "auto"  # SGD: defer unused legos (auto: on CPU only)
     momentum: float = 0.9
     weight_decay: float = 1e-4
     warmup_steps: int = 50

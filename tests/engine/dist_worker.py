@@ -1,7 +1,9 @@
 """Worker for the distributed gradient-equality test (run under torchrun, or alone for the reference).
 
-Builds a tiny two-task run whose tasks have disjoint fixed routes, takes ONE SIMT step, and saves every
-parameter's gradient as seen by the optimizer (after the cross-rank sync) from rank 0.
+Builds a tiny two-task run whose tasks have disjoint fixed routes, takes three SIMT steps, and saves
+every parameter's gradient of the first step as seen by the optimizer (after the cross-rank sync) from
+rank 0, and every rank's parameters after the three steps (``LegoSGD`` updates only the legos used,
+on each rank also those only the other rank's task used).
 """
 from __future__ import annotations
 
@@ -21,9 +23,9 @@ def tiny_config(planner: str, out: str):
         "data": {"format": "synthetic", "options": {"domain": domain, "size": 32, "num_train": 64, "num_val": 16}},
     }
     base = {
-        "model": {"backbone": "gppf_r18", "legos": 4, "active": 2, "width_mult": 0.125},
+        "model": {"backbone": "gppf_r18", "legos": 5, "active": 2, "width_mult": 0.125},  # lego 4: unused
         "tasks": [task("a", "flat") | {"route": [[0, 1]] * 8}, task("b", "textured") | {"route": [[2, 3]] * 8}],
-        "train": {"steps": 1, "amp": "none", "channels_last": False, "progress": False, "warmup_steps": 0,
+        "train": {"steps": 3, "amp": "none", "channels_last": False, "progress": False, "warmup_steps": 0,
                   "checkpoint_every": 0, "grad_clip": 0.0},
         "dist": {"planner": planner, "backend": "gloo"},
     }
@@ -42,13 +44,18 @@ def main(planner: str, out: str, freeze_bn: str) -> None:
     original_step = run.optimizer.step
 
     def recording_step(*args, **kwargs):
-        for name, p in run.model.named_parameters():
-            grads[name] = p.grad.detach().clone()
+        if not grads:
+            for name, p in run.model.named_parameters():
+                grads[name] = p.grad.detach().clone()
         return original_step(*args, **kwargs)
 
     recording_step._with_counter = True  # type: ignore[attr-defined]  (keeps the LR scheduler quiet)
     run.optimizer.step = recording_step  # type: ignore[method-assign]
-    run.step_fn(0)
+    for step in range(3):
+        run.step_fn(step)
+    run.optimizer.flush()
+    params = {name: p.detach().clone() for name, p in run.model.named_parameters()}
+    save_file(params, f"{out}.params{run.info.rank}")
     if run.info.is_main:
         meta = {"trained_here": ",".join(run.streams), "world": str(run.info.world)}
         save_file(grads, out, metadata=meta)

@@ -50,6 +50,12 @@ def test_two_gloo_ranks_match_single_process(tmp_path, planner, freeze_bn):
         torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
         nonzero += int(ref[name].abs().sum() > 0)
     assert nonzero > 10  # heads of both tasks and many backbone tensors got gradient
+    # after three steps, both replicas hold bit-identical parameters, equal to the single process's
+    rank0, rank1 = load_file(f"{double}.params0"), load_file(f"{double}.params1")
+    alone = load_file(f"{single}.params0")
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name
+        torch.testing.assert_close(rank0[name], alone[name], rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
     assert ref["heads.a.fc.weight" if "heads.a.fc.weight" in ref else next(k for k in ref if k.startswith("heads.a"))].abs().sum() > 0
 
 

@@ -28,6 +28,7 @@ from gppf.engine.logging import MetricsLogger, Progress
 from gppf.engine.model import MultiTaskModel
 from gppf.engine.simt import SIMTStep, StepResult
 from gppf.engine.weighting import build_weighting
+from gppf.lego.optim import LegoSGD
 from gppf.tasks import Task, build_task
 
 
@@ -114,8 +115,9 @@ def _optimizer(cfg: RunConfig, model: MultiTaskModel, weighting: torch.nn.Module
     extra = [p for p in weighting.parameters() if p.requires_grad]
     if extra:
         groups.append({"params": extra, "weight_decay": 0.0, "lr": t.lr, "name": "loss_weighting"})
-    if t.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, nesterov=True)
+    if t.optimizer == "sgd":  # torch.optim.SGD's update; unused legos deferred and caught up exactly
+        lazy = {"auto": None, "on": True, "off": False}[t.lazy_legos]
+        return LegoSGD(groups, lr=t.lr, momentum=t.momentum, nesterov=True, lazy=lazy).attach(model)
     return torch.optim.AdamW(groups, lr=t.lr)
 
 
@@ -247,9 +249,17 @@ def _float(outputs: Any) -> Any:
     return outputs
 
 
-def save(run: Run, step: int) -> None:
-    """Merge BN statistics over ranks, gather sampler positions, write a checkpoint (main rank)."""
+def _settle(run: Run) -> None:
+    """On every rank: apply deferred lego updates (``LegoSGD``) before weights are read, so replicas stay
+    bit-identical whichever rank reads them, and merge BN statistics over ranks."""
+    if isinstance(run.optimizer, LegoSGD):
+        run.optimizer.flush()
     run.buffer_sync()
+
+
+def save(run: Run, step: int) -> None:
+    """Settle weights and statistics, gather sampler positions, write a checkpoint (main rank)."""
+    _settle(run)
     positions = _gather_positions(run)
     if run.info.is_main:
         ckpt.save_checkpoint(run.run_dir, step=step, model=run.model, optimizer=run.optimizer,
@@ -330,7 +340,7 @@ def _log_bad_samples(run: Run, logger: MetricsLogger) -> None:
 
 def _eval_and_log(run: Run, logger: MetricsLogger, step: int) -> dict[str, float]:
     _log_bad_samples(run, logger)
-    run.buffer_sync()
+    _settle(run)
     metrics = evaluate(run) if run.info.is_main else {}
     logger.val(step, metrics)
     if run.info.enabled:
