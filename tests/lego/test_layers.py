@@ -76,16 +76,19 @@ def _selection(kind: str, blocks: bool, shape: tuple[int, ...]):
 @pytest.mark.parametrize("shape", [(8, 12, 3, 3), (8, 12)])
 @pytest.mark.parametrize("blocks", [True, False], ids=["lego_index", "channels"])
 @pytest.mark.parametrize("kind", ["rows", "cols", "both"])
-@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])
-def test_gather_accumulates_like_index_select_autograd(kind, blocks, shape, autocast):
+@pytest.mark.parametrize(("autocast", "direct"), [(False, False), (True, False), (True, True)],
+                         ids=["fp32", "bf16_autocast", "bf16_gathered_channels_last"])
+def test_gather_accumulates_like_index_select_autograd(kind, blocks, shape, autocast, direct):
     torch.manual_seed(0)
     new = torch.nn.Parameter(torch.randn(shape))
     old = torch.nn.Parameter(new.detach().clone())
     rows, cols = _selection(kind, blocks, shape)
     for _ in range(2):  # two backward passes accumulate (one per task in a SIMT step)
         x_B = torch.randn(5, *(_channels(cols).numel() if cols is not None else shape[1], *shape[2:]))
+        kw = dict(dtype=torch.bfloat16, channels_last=True) if direct else {}
         for param, gather in ((new, lego_gather), (old, _reference_gather)):
-            w = gather(param, rows, cols)
+            w = gather(param, rows, cols, **kw)
+            assert w.dtype == (torch.bfloat16 if direct else torch.float32)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
                 y = F.conv2d(x_B, w, padding=1) if w.dim() == 4 else F.linear(x_B, w)
             (y.float() * torch.arange(y.numel()).view_as(y).sin()).sum().backward()
