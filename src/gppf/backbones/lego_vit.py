@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gppf.backbones.base import BACKBONES, Features, LegoBackbone
-from gppf.lego.layers import LegoIndex, lego_gather
+from gppf.lego.layers import LegoIndex, autocast_dtype, lego_gather
 from gppf.lego.optim import mark_lego_param
 from gppf.lego.router import TaskRouter, gate_channels
 
@@ -42,10 +42,11 @@ class LegoAttention(nn.Module):
         legos = self.total // self.lego_width
         ch = LegoIndex(idx_K, self.lego_width)
         rows = LegoIndex(torch.cat([idx_K, idx_K + legos, idx_K + 2 * legos]), self.lego_width)  # q, k, v
-        w_qkv = lego_gather(self.in_proj_weight, rows)
-        b_qkv = lego_gather(self.in_proj_bias, rows)
+        dtype = autocast_dtype(x_BSD)  # gather straight into the compute dtype
+        w_qkv = lego_gather(self.in_proj_weight, rows, dtype=dtype)
+        b_qkv = lego_gather(self.in_proj_bias, rows, dtype=dtype)
         gate = gate_channels(gate_K, self.lego_width)
-        w_out = lego_gather(self.out_proj.weight, None, ch)
+        w_out = lego_gather(self.out_proj.weight, None, ch, dtype=dtype)
         if gate is not None:
             w_out = w_out * gate[None, :]
         B, S, _ = x_BSD.shape
@@ -72,11 +73,13 @@ class LegoMLP(nn.Module):
 
     def forward(self, x_BSD: Tensor, idx_K: Tensor, gate_K: Tensor | None) -> Tensor:
         ch = LegoIndex(idx_K, self.lego_width)
-        w2 = lego_gather(self.fc2.weight, None, ch)
+        dtype = autocast_dtype(x_BSD)
+        w2 = lego_gather(self.fc2.weight, None, ch, dtype=dtype)
         gate = gate_channels(gate_K, self.lego_width)
         if gate is not None:
             w2 = w2 * gate[None, :]
-        h = F.gelu(F.linear(x_BSD, lego_gather(self.fc1.weight, ch), lego_gather(self.fc1.bias, ch)))
+        h = F.gelu(F.linear(x_BSD, lego_gather(self.fc1.weight, ch, dtype=dtype),
+                            lego_gather(self.fc1.bias, ch, dtype=dtype)))
         return F.linear(h, w2, self.fc2.bias)
 
 
