@@ -319,7 +319,7 @@ def train(cfg: RunConfig, *, run_dir: Path, resume: bool = False) -> dict[str, f
         save(run, cfg.train.steps)
         if run.info.is_main:
             _write_routes(run)
-            from gppf.engine.report import write_report
+            from gppf.report import write_report
 
             write_report(run_dir)
     finally:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gppf.engine.report import (
+from gppf.report import (
     PLOT_NAMES,
     ema,
     plot_usage,

@@ -541,7 +541,7 @@ def write_report(run_dir: Path) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m gppf.engine.report RUN_DIR``: write the report and print its path."""
+    """``python -m gppf.report RUN_DIR``: write the report and print its path."""
     import argparse
 
     parser = argparse.ArgumentParser(description=main.__doc__)

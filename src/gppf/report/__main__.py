@@ -1,0 +1,4 @@
+"""``python -m gppf.report RUN_DIR``."""
+from gppf.report.build import main
+
+main()
