@@ -4,10 +4,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-import torch
+# As the ``gppf`` command does: passive OpenMP waiting, set before torch loads (also for subprocesses).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from gppf.config import RunConfig, load_config
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from gppf.config import RunConfig, load_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,3 +1,8 @@
+"""Typed config loading, overrides and errors that name keys."""
+import os
+import subprocess
+import sys
+
 import pytest
 
 from gppf.config import ConfigError, RunConfig, load_config, save_config
@@ -30,7 +35,6 @@ train: {steps: 10}
         ("tasks: [{name: a, tpye: classification}]\n", [], r"'tasks.0.tpye'; did you mean 'tasks.0.type'"),
         ("", ["train.step=3"], r"'train.step'; did you mean 'train.steps'"),
         ("train: {steps: many}\n", [], r"train.steps: expected an integer"),
-        ("tasks: [{name: a, type: clasification}]\n", [], r"did you mean 'classification'"),
         ("tasks: [{name: a}, {name: a}]\n", [], r"duplicate task name 'a'"),
         ("model: {legos: 4, active: 5}\n", [], r"model.active must be in"),
         ("", ["tasks.nope.batch_size=3"], r"list"),
@@ -54,3 +58,30 @@ def test_save_roundtrip(tmp_path):
     save_config(cfg, tmp_path / "out" / "config.yaml")
     again = load_config(tmp_path / "out" / "config.yaml")
     assert again == cfg
+
+
+def test_unknown_task_type_named_with_closest(tmp_path):
+    """Config knows no task types itself; given the registered names (as the CLI passes them) or at build
+    time (``check_task_types``), an unknown type names ``tasks.<i>.type`` and the closest valid one."""
+    from gppf.registry import TASK_TYPES
+    from gppf.tasks import check_task_types
+
+    path = write(tmp_path, "tasks: [{name: a}, {name: b, type: clasification}]\n")
+    cfg = load_config(path)  # the config alone cannot know plugin task types: no error yet
+    message = r"tasks\.1\.type: unknown task type 'clasification'; did you mean 'classification'"
+    with pytest.raises(ConfigError, match=message):
+        check_task_types(cfg)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path, task_types=TASK_TYPES.names())
+
+
+def test_importing_gppf_and_config_is_light_and_pure():
+    """``import gppf.config`` imports no other gppf module and no torch; ``import gppf`` sets no env var."""
+    code = (
+        "import os, sys; before = dict(os.environ); import gppf, gppf.config, gppf.registry; "
+        "mods = sorted(m for m in sys.modules if m.startswith('gppf') or m == 'torch'); "
+        "print(mods, os.environ == before)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "['gppf', 'gppf.config', 'gppf.registry'] True"

@@ -1,13 +1,20 @@
-"""gppf: general perception pre-training via sparsely activated multi-task learning."""
-import os
+"""gppf: general perception pre-training via sparsely activated multi-task learning.
 
-# OpenMP threads that spin while waiting make every op 10-100x slower as soon as another process
-# (a DataLoader worker, a second job) shares the cores: measured here, a BatchNorm of 0.5M elements
-# took 23-48 ms with spinning threads under contention vs 0.3-1 ms passive. Must be set before torch
-# loads; an explicit user setting wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+Importing gppf changes no environment and imports no torch: ``create_backbone`` / ``list_backbones``
+load ``gppf.backbones`` on first use. Extension points (task types, readers, backbones) are in
+``gppf.registry``.
+"""
+from __future__ import annotations
 
-from gppf.backbones import create_backbone, list_backbones  # noqa: E402
+from typing import Any
 
 __version__ = "0.1.0"
 __all__ = ["create_backbone", "list_backbones", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("create_backbone", "list_backbones"):
+        import gppf.backbones
+
+        return getattr(gppf.backbones, name)
+    raise AttributeError(f"module 'gppf' has no attribute {name!r}")

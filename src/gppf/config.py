@@ -1,7 +1,9 @@
 """Typed run configuration: dataclasses loaded from YAML with dotted ``key=value`` overrides.
 
 Unknown or mistyped keys are errors that name the dotted key and the closest valid one.
-Only builders read configs; modules take explicit keyword arguments.
+Only builders read configs; modules take explicit keyword arguments. This module imports nothing of gppf:
+names of registered things (task types, readers, backbones) are checked where they are built, or here when
+the caller passes the known names (``load_config(..., task_types=TASK_TYPES.names())``).
 """
 from __future__ import annotations
 
@@ -10,22 +12,32 @@ import difflib
 import types
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Collection, Literal, Union
 
 import yaml
+
+
+DEFAULT_RECIPE = "default.yaml"
 
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the offending key or file."""
 
 
+def default_config_path() -> Path:
+    """The packaged built-in recipe (six tasks over the built-in synthetic domains)."""
+    return Path(str(resources.files(__package__ or "gppf") / "configs" / DEFAULT_RECIPE))
+
+
 @dataclass
 class DataConfig:
     """Where a task's data lives and in which format.
 
-    ``format`` is a reader name (``imagefolder``, ``coco``, ``yolo``, ``mask_png``, ``table``, ``idx``,
-    ``synthetic``). ``train``/``val`` are split folders or annotation files relative to ``root``.
+    ``format`` is a reader name registered in ``gppf.registry.READERS`` (built-in: ``imagefolder``,
+    ``coco``, ``yolo``, ``mask_png``, ``table``, ``idx``, ``synthetic``). ``train``/``val`` are split
+    folders or annotation files relative to ``root``.
     ``options`` holds reader-specific settings; each reader rejects options it does not know.
     """
 
@@ -42,7 +54,7 @@ class TaskConfig:
     """One task of a multi-task run."""
 
     name: str = ""
-    type: str = "classification"  # a name registered in gppf.tasks.TASK_TYPES
+    type: str = "classification"  # a name registered in gppf.registry.TASK_TYPES (checked at build time)
     data: DataConfig = field(default_factory=DataConfig)
     batch_size: int = 32
     eval_batch_size: int | None = None
@@ -295,19 +307,23 @@ def load_config(
     overrides: list[str] | None = None,
     *,
     base: dict[str, Any] | None = None,
+    task_types: Collection[str] | None = None,
 ) -> RunConfig:
-    """Load a ``RunConfig`` from YAML (or ``base``) plus dotted overrides, validating every key."""
+    """Load a ``RunConfig`` from YAML (or ``base``) plus dotted overrides, validating every key.
+
+    ``task_types``: the registered task-type names; when given, ``tasks[i].type`` is checked against them.
+    """
     tree: dict[str, Any] = dict(base or {})
     if path is not None:
         tree = read_yaml(path)
     tree = apply_overrides(tree, list(overrides or []))
     cfg = from_dict(RunConfig, tree)
-    validate(cfg)
+    validate(cfg, task_types=task_types)
     return cfg
 
 
-def validate(cfg: RunConfig) -> None:
-    """Cross-field checks that types alone cannot express."""
+def validate(cfg: RunConfig, *, task_types: Collection[str] | None = None) -> None:
+    """Cross-field checks that types alone cannot express (and task types, when ``task_types`` is given)."""
     if cfg.model.active < 1 or cfg.model.active > cfg.model.legos:
         raise ConfigError(
             f"model.active must be in [1, model.legos={cfg.model.legos}], got {cfg.model.active}"
@@ -319,21 +335,20 @@ def validate(cfg: RunConfig) -> None:
         if task.name in seen:
             raise ConfigError(f"tasks.{i}.name: duplicate task name '{task.name}'")
         seen.add(task.name)
-        _check_task_type(task.type, f"tasks.{i}.type")
+        if task_types is not None:
+            check_name(task.type, sorted(task_types), key=f"tasks.{i}.type", kind="task type")
         if task.batch_size < 1:
             raise ConfigError(f"tasks.{task.name}.batch_size must be >= 1")
     if cfg.train.steps < 0:
         raise ConfigError("train.steps must be >= 0")
 
 
-def _check_task_type(name: str, key: str) -> None:
-    import gppf.tasks  # registers the built-in task types (import here: tasks import this module)
-
-    known = gppf.tasks.TASK_TYPES.names()
+def check_name(name: str, known: list[str], *, key: str, kind: str) -> None:
+    """``ConfigError`` naming ``key`` and the closest of ``known`` when ``name`` is not among them."""
     if name not in known:
         close = difflib.get_close_matches(name, known, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"{key}: unknown task type '{name}'{hint} (known: {', '.join(known)})")
+        raise ConfigError(f"{key}: unknown {kind} '{name}'{hint} (known: {', '.join(known)})")
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:

@@ -96,3 +96,24 @@ def test_add_task_copies_statistics():
     bb.add_task("b", init_from="a")
     assert torch.equal(bb.bn1.task_running_mean[1], bb.bn1.task_running_mean[0])
     assert bb.router.tasks == ["a", "b"]
+
+
+@pytest.mark.parametrize("name", ["gppf_r18", "gppf_vit_tiny"])
+def test_one_template_forward_features_pyramid_pool(name):
+    """ResNet and ViT share ``forward``: trunk = forward_features, then pyramid(trunk) and pool(trunk)."""
+    bb = gppf.create_backbone(name, tasks=["a", "b"], **TINY[name]).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        feats = bb(x, "b")
+        trunk = bb.forward_features(x, "b")
+        pyramid, pooled = bb.pyramid(trunk), bb.pool(trunk)
+        only_pooled = bb.forward_pooled(x, "b")
+    assert len(pyramid) == len(feats.pyramid) == 4
+    for mine, ref in zip(pyramid, feats.pyramid):
+        torch.testing.assert_close(mine, ref)
+    torch.testing.assert_close(pooled, feats.pooled)
+    torch.testing.assert_close(only_pooled, feats.pooled)
+    if name == "gppf_vit_tiny":  # the ViT pools its class token, not the pyramid
+        torch.testing.assert_close(pooled, trunk.tokens_BSD[:, 0])
+    else:  # the ResNet averages its last stage
+        torch.testing.assert_close(pooled, trunk[-1].mean(dim=(2, 3)))

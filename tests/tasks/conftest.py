@@ -14,7 +14,7 @@ from torchvision import tv_tensors
 
 from gppf.config import DataConfig, TaskConfig
 from gppf.data.base import READERS, BadSamples, SampleDataset
-from gppf.heads.fpn import FeaturesLike
+from gppf.interfaces import FeaturesLike
 
 TINY_READER = "test_tiny_memory"
 PALETTE = torch.tensor([[220, 40, 40], [40, 220, 40], [40, 40, 220], [220, 220, 40], [40, 220, 220], [220, 40, 220]])

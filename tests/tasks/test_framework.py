@@ -130,7 +130,10 @@ def _docs_example() -> str:
 
 def test_docs_regression_example(monkeypatch, tiny_cfg, tiny_backbone, fit, run_eval):
     monkeypatch.setattr(TASK_TYPES, "_items", dict(TASK_TYPES._items))  # registration undone after the test
-    exec(compile(_docs_example(), "docs/tasks.md", "exec"), {"__name__": "docs_regression"})
+    namespace: dict = {"__name__": "docs_regression"}
+    exec(compile(_docs_example(), "docs/tasks.md", "exec"), namespace)
+    TASK_TYPES.add("regression", namespace["RegressionType"])
+    assert TASK_TYPES.get("regression").option_defaults() == {"beta": 0.1}
     task = build_task(tiny_cfg("regression", head={"beta": 0.05}), feature_channels=[8, 16, 16, 16], pooled_dim=16)
     batch = task.collate([task.train_set[i] for i in range(12)])
     assert batch.stacked["value"].shape == (12,)
@@ -179,3 +182,48 @@ def test_cuda_bf16_channels_last(task_type, tiny_cfg, tiny_backbone):
     metric = task.new_metric()
     metric.update(model.predict(out, batch), batch)
     assert set(metric.compute()) == set(task.chance())
+
+
+def test_head_options_come_from_the_head_signature():
+    from gppf.tasks import TaskType, head_option_defaults
+
+    class ToyHead(torch.nn.Module):
+        def __init__(self, pos: int = 1, *, pooled_dim: int, width: int = 8, scale: float = 0.5, fixed: int = 3):
+            super().__init__()
+
+    class ToyType(TaskType):
+        name, head, primary_metric = "toy", ToyHead, "x"
+        fixed_head_args = ("fixed",)
+        extra_options = {"sampler_k": 4}
+
+    # keyword-only with defaults only; ``pos`` (positional) and ``pooled_dim`` (no default) are not options
+    assert head_option_defaults(ToyHead) == {"width": 8, "scale": 0.5, "fixed": 3}
+    assert ToyType().option_defaults() == {"width": 8, "scale": 0.5, "sampler_k": 4}
+    assert ToyType().head_kwargs({"width": 2, "scale": 1.0, "sampler_k": 0}) == {"width": 2, "scale": 1.0}
+    with pytest.raises(ConfigError, match=r"unknown head option 'tasks\.t\.head\.fixed'.*known: sampler_k, scale, width"):
+        ToyType().options(TaskConfig(name="t", type="toy", head={"fixed": 1}))
+
+
+def test_builtin_option_defaults_match_their_heads():
+    from gppf.heads.detection import FCOSHead
+    from gppf.heads.reid import ReidHead
+
+    detection = TASK_TYPES.get("detection").option_defaults()
+    assert "in_strides" not in detection and detection["strides"] == (8, 16, 32)
+    assert detection["score_thresh"] == FCOSHead.__init__.__kwdefaults__["score_thresh"]
+    reid = TASK_TYPES.get("reid")
+    assert reid.option_defaults() == {**{k: v for k, v in ReidHead.__init__.__kwdefaults__.items()},
+                                      "soft_margin": False, "instances_per_id": 4}
+    opts = reid.options(TaskConfig(name="r", type="reid", head={"soft_margin": True, "margin": 0.5}))
+    assert reid.head_kwargs(opts)["margin"] is None and "instances_per_id" not in reid.head_kwargs(opts)
+    strides = TASK_TYPES.get("detection").options(TaskConfig(name="d", type="detection", head={"strides": [16.0, 32]}))
+    assert strides["strides"] == [16, 32] and all(type(s) is int for s in strides["strides"])
+
+
+@pytest.mark.parametrize("task_type", ["classification", "multilabel", "segmentation", "reid"])
+def test_built_heads_satisfy_the_head_protocol(task_type, tiny_cfg):
+    from gppf.interfaces import Head
+
+    task = build_task(tiny_cfg(task_type), feature_channels=[8, 16, 16, 16], pooled_dim=16)
+    assert isinstance(task.head, Head) and isinstance(task.head, torch.nn.Module)
+    assert not isinstance(object(), Head)

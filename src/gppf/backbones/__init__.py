@@ -1,5 +1,4 @@
-"""Lego backbones and their registry (``create_backbone``, ``list_backbones``)."""
-from gppf.backbones import lego_resnet, lego_vit  # noqa: F401  (registration)
+"""Lego backbones (``create_backbone``, ``list_backbones``); builders are registered in ``gppf.registry``."""
 from gppf.backbones.base import BACKBONES, Features, LegoBackbone, create_backbone, list_backbones
 
 __all__ = ["BACKBONES", "Features", "LegoBackbone", "create_backbone", "list_backbones"]

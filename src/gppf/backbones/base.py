@@ -1,46 +1,60 @@
-"""Backbone interface, feature container and the name -> builder registry."""
+"""The backbone template (``LegoBackbone``) and ``create_backbone`` over ``gppf.registry.BACKBONES``.
+
+Every backbone runs the same ``forward``: ``forward_features(x, task)`` computes the routed trunk output
+(whatever the architecture needs: ResNet a list of stage maps, ViT a ``TokenGrid``) under the task's BN
+statistics, then ``pyramid(trunk)`` and ``pool(trunk)`` read the two views heads use (``Features``).
+"""
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Generic, Iterator, Sequence, TypeVar
 
 import torch
 from torch import Tensor, nn
 
+from gppf.interfaces import Features
 from gppf.lego.router import TaskRouter
+from gppf import registry
 from gppf.registry import Registry
 
+Trunk = TypeVar("Trunk")
 
-@dataclass
-class Features:
-    """What every backbone returns: a feature pyramid (strides ``feature_strides``) and pooled features."""
-
-    pyramid: list[Tensor]
-    pooled: Tensor
+__all__ = ["BACKBONES", "BackboneBuilder", "Features", "LegoBackbone", "create_backbone", "list_backbones"]
 
 
-class LegoBackbone(nn.Module):
-    """Common interface of lego backbones; subclasses implement ``forward_features``."""
+class LegoBackbone(nn.Module, Generic[Trunk]):
+    """Template of lego backbones; subclasses implement ``forward_features``, ``pyramid`` and ``pool``.
+
+    Subclasses set ``feature_channels`` / ``feature_strides`` (the pyramid), ``pooled_dim`` and ``router``.
+    """
 
     feature_channels: list[int]
     feature_strides: list[int]
     pooled_dim: int
     router: TaskRouter
 
-    def forward_features(self, x_BCHW: Tensor, task: str) -> list[Tensor]:
+    def forward_features(self, x_BCHW: Tensor, task: str) -> Trunk:
+        """The routed trunk output for ``task`` (called under the task's BN statistics)."""
         raise NotImplementedError
 
-    def pool(self, pyramid: list[Tensor]) -> Tensor:
+    def pyramid(self, trunk: Trunk) -> list[Tensor]:
+        """Feature maps at ``feature_strides`` with ``feature_channels``."""
+        raise NotImplementedError
+
+    def pool(self, trunk: Trunk) -> Tensor:
+        """Pooled features ``[B, pooled_dim]``."""
         raise NotImplementedError
 
     def forward(self, x_BCHW: Tensor, task: str) -> Features:
         with self.task_statistics(task):
-            pyramid = self.forward_features(x_BCHW, task)
-        return Features(pyramid=pyramid, pooled=self.pool(pyramid))
+            trunk = self.forward_features(x_BCHW, task)
+        return Features(pyramid=self.pyramid(trunk), pooled=self.pool(trunk))
 
     def forward_pooled(self, x_BCHW: Tensor, task: str) -> Tensor:
-        return self.forward(x_BCHW, task).pooled
+        """Only the pooled features (skips dense pyramid work, e.g. the ViT's simple pyramid)."""
+        with self.task_statistics(task):
+            trunk = self.forward_features(x_BCHW, task)
+        return self.pool(trunk)
 
     # ------------------------------------------------------------------ per-task BN statistics
     def init_task_statistics(self) -> None:
@@ -96,7 +110,8 @@ class LegoBackbone(nn.Module):
 
 
 BackboneBuilder = Callable[..., LegoBackbone]
-BACKBONES: Registry[BackboneBuilder] = Registry("backbone")
+"""``builder(*, tasks, legos=..., active=..., width_mult=..., router=...) -> LegoBackbone``."""
+BACKBONES: Registry[BackboneBuilder] = registry.BACKBONES
 
 
 def create_backbone(name: str, *, tasks: Sequence[str] = ("default",), **kwargs: Any) -> LegoBackbone:
@@ -105,4 +120,5 @@ def create_backbone(name: str, *, tasks: Sequence[str] = ("default",), **kwargs:
 
 
 def list_backbones() -> list[str]:
+    """Names of the registered backbones (built-in and entry points)."""
     return BACKBONES.names()

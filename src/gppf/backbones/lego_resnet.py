@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gppf.backbones.base import BACKBONES, LegoBackbone
+from gppf.backbones.base import LegoBackbone
 from gppf.lego.layers import LegoBatchNorm2d, LegoConv2d, LegoIndex
 from gppf.lego.router import TaskRouter, gate_channels
 
@@ -103,8 +103,11 @@ class LegoBottleneck(_LegoBlock):
         return F.relu(out, inplace=True)
 
 
-class LegoResNet(LegoBackbone):
-    """ResNet with lego inner widths and a task router; features at strides 4, 8, 16, 32."""
+class LegoResNet(LegoBackbone[list[Tensor]]):
+    """ResNet with lego inner widths and a task router; features at strides 4, 8, 16, 32.
+
+    Trunk output: the four stage maps (the pyramid itself); ``pool`` averages the last one.
+    """
 
     def __init__(
         self,
@@ -167,12 +170,13 @@ class LegoResNet(LegoBackbone):
             outs.append(x)
         return outs
 
-    def pool(self, pyramid: list[Tensor]) -> Tensor:
-        return torch.flatten(F.adaptive_avg_pool2d(pyramid[-1], 1), 1)
+    def pyramid(self, trunk: list[Tensor]) -> list[Tensor]:
+        return trunk
+
+    def pool(self, trunk: list[Tensor]) -> Tensor:
+        return torch.flatten(F.adaptive_avg_pool2d(trunk[-1], 1), 1)
 
 
-
-@BACKBONES.register("gppf_r18")
 def gppf_r18(*, tasks: Sequence[str], legos: int = 8, active: int = 2, width_mult: float = 1.0,
              router: dict | None = None) -> LegoResNet:
     """GPPF-R18: ResNet-18 depth, lego basic blocks."""
@@ -180,7 +184,6 @@ def gppf_r18(*, tasks: Sequence[str], legos: int = 8, active: int = 2, width_mul
                       width_mult=width_mult, router_kwargs=router)
 
 
-@BACKBONES.register("gppf_r50")
 def gppf_r50(*, tasks: Sequence[str], legos: int = 16, active: int = 4, width_mult: float = 1.0,
              router: dict | None = None) -> LegoResNet:
     """GPPF-R50: ResNet-50 depth, lego bottlenecks."""

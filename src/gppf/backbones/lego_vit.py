@@ -8,13 +8,13 @@ Dense features for detection/segmentation come from a simple feature pyramid (Vi
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gppf.backbones.base import BACKBONES, Features, LegoBackbone
+from gppf.backbones.base import LegoBackbone
 from gppf.lego.layers import LegoIndex, autocast_dtype, lego_gather
 from gppf.lego.optim import mark_lego_param
 from gppf.lego.router import TaskRouter, gate_channels
@@ -98,8 +98,20 @@ class LegoEncoderBlock(nn.Module):
         return x_BSD + self.mlp(self.ln_2(x_BSD), *mlp_route)
 
 
-class LegoViT(LegoBackbone):
-    """Vision transformer with lego attention and MLP; pyramid strides 4, 8, 16, 32 (patch 16)."""
+class TokenGrid(NamedTuple):
+    """The ViT trunk output: normalised tokens ``[B, 1 + H*W, D]`` (class token first) and the patch grid."""
+
+    tokens_BSD: Tensor
+    height: int
+    width: int
+
+
+class LegoViT(LegoBackbone[TokenGrid]):
+    """Vision transformer with lego attention and MLP; pyramid strides 4, 8, 16, 32 (patch 16).
+
+    Trunk output: a ``TokenGrid``; ``pyramid`` is the simple pyramid of the patch tokens, ``pool`` the class
+    token.
+    """
 
     def __init__(self, *, tasks: Sequence[str], image_size: int = 224, patch_size: int = 16, dim: int = 192,
                  depth: int = 12, heads: int = 3, mlp_dim: int = 768, legos: int = 6, active: int = 3,
@@ -130,7 +142,7 @@ class LegoViT(LegoBackbone):
         grid_pos = F.interpolate(grid_pos, size=(gh, gw), mode="bicubic", align_corners=False)
         return torch.cat([cls_pos, grid_pos.flatten(2).transpose(1, 2)], dim=1)
 
-    def encode(self, x_BCHW: Tensor, task: str) -> tuple[Tensor, int, int]:
+    def forward_features(self, x_BCHW: Tensor, task: str) -> TokenGrid:
         """Token sequence after the final norm, with the patch grid size."""
         route = self.router(task)
         x = self.conv_proj(x_BCHW)
@@ -139,18 +151,15 @@ class LegoViT(LegoBackbone):
         x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], dim=1) + self._pos(gh, gw)
         for i, blk in enumerate(self.layers):
             x = blk(x, route.layer(2 * i), route.layer(2 * i + 1))
-        return self.ln(x), gh, gw
+        return TokenGrid(self.ln(x), gh, gw)
 
-    def forward(self, x_BCHW: Tensor, task: str) -> Features:
-        tokens, gh, gw = self.encode(x_BCHW, task)
-        grid = tokens[:, 1:].transpose(1, 2).reshape(tokens.shape[0], self.dim, gh, gw)
-        return Features(pyramid=self.fpn(grid), pooled=tokens[:, 0])
+    def pyramid(self, trunk: TokenGrid) -> list[Tensor]:
+        tokens = trunk.tokens_BSD
+        grid = tokens[:, 1:].transpose(1, 2).reshape(tokens.shape[0], self.dim, trunk.height, trunk.width)
+        return self.fpn(grid)
 
-    def forward_features(self, x_BCHW: Tensor, task: str) -> list[Tensor]:
-        return self.forward(x_BCHW, task).pyramid
-
-    def forward_pooled(self, x_BCHW: Tensor, task: str) -> Tensor:
-        return self.encode(x_BCHW, task)[0][:, 0]
+    def pool(self, trunk: TokenGrid) -> Tensor:
+        return trunk.tokens_BSD[:, 0]
 
 
 class _SimplePyramid(nn.Module):
@@ -182,10 +191,11 @@ def _make_vit(size: str):
                        heads=heads, mlp_dim=int(mlp_dim * width_mult), legos=legos, active=active,
                        router_kwargs=router)
 
+    build.__name__ = build.__qualname__ = f"gppf_vit_{size}"
     build.__doc__ = f"GPPF-ViT-{size}: dim {dim}, {heads} heads, MLP {mlp_dim}; default {default_legos} legos, {default_active} active."
     return build
 
 
-for _size in _VIT_SIZES:
-    BACKBONES.add(f"gppf_vit_{_size}", _make_vit(_size))
-
+gppf_vit_tiny = _make_vit("tiny")  # registered by name in gppf.registry.BACKBONES
+gppf_vit_small = _make_vit("small")
+gppf_vit_base = _make_vit("base")

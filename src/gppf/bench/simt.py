@@ -103,7 +103,7 @@ class Stepper:
 
 def load_bench_config(*, config: str | None, overrides: list[str], quick: bool) -> Any:
     """The run config (default recipe), progress bar off; ``quick`` shrinks every task first."""
-    from gppf.cli import default_config_path
+    from gppf.config import default_config_path
     from gppf.config import load_config
 
     path = config or default_config_path()

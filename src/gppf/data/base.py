@@ -1,4 +1,7 @@
-"""Shared data plumbing: the reader registry, data errors and bad-sample accounting."""
+"""Shared data plumbing: the reader interface, data errors and bad-sample accounting.
+
+Readers are registered in ``gppf.registry.READERS`` (re-exported here).
+"""
 from __future__ import annotations
 
 from collections import Counter
@@ -6,6 +9,7 @@ from typing import Any, Callable, Literal
 
 from torch.utils.data import Dataset
 
+from gppf import registry
 from gppf.registry import Registry
 
 OnBad = Literal["error", "skip"]
@@ -56,4 +60,7 @@ class SampleDataset(Dataset):
 
 
 ReaderFn = Callable[..., SampleDataset]
-READERS: Registry[ReaderFn] = Registry("data format")
+"""``reader(data_cfg, *, split, task_type, on_bad_sample) -> SampleDataset``; registered in ``READERS``."""
+READERS: Registry[ReaderFn] = registry.READERS
+
+__all__ = ["READERS", "BadSamples", "DataError", "OnBad", "ReaderFn", "SampleDataset"]

@@ -1,17 +1,17 @@
 """The multi-task model: one lego backbone shared by every task, one head per task."""
 from __future__ import annotations
 
-from typing import Any
-
 from torch import Tensor, nn
 
-from gppf.backbones.base import Features, LegoBackbone
+from gppf.backbones.base import LegoBackbone
+from gppf.interfaces import Features, Outputs
 
 
 class MultiTaskModel(nn.Module):
     """``backbone`` routed per task plus ``heads[task]``; ``forward`` returns the head's raw outputs."""
 
     def __init__(self, *, backbone: LegoBackbone, heads: dict[str, nn.Module]) -> None:
+        """``heads``: task -> an ``nn.Module`` satisfying ``gppf.interfaces.Head``."""
         super().__init__()
         self.backbone = backbone
         self.heads = nn.ModuleDict(heads)
@@ -19,7 +19,7 @@ class MultiTaskModel(nn.Module):
     def features(self, images_BCHW: Tensor, task: str) -> Features:
         return self.backbone(images_BCHW, task)
 
-    def forward(self, images_BCHW: Tensor, task: str) -> Any:
+    def forward(self, images_BCHW: Tensor, task: str) -> Outputs:
         return self.heads[task](self.backbone(images_BCHW, task))
 
     def param_groups(self, *, lr: float, weight_decay: float, router_lr_mult: float) -> list[dict]:

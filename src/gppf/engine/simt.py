@@ -17,13 +17,15 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
 from gppf.engine.distributed import DistInfo, GradSync, all_reduce_scalars, broadcast_flag
 from gppf.engine.model import MultiTaskModel
+from gppf.engine.weighting import LossWeighting
+from gppf.interfaces import Batch, Outputs
 
 
 @dataclass
@@ -45,10 +47,10 @@ class SIMTStep:
     """One optimizer step over every task; all collaborators are passed in explicitly."""
 
     model: MultiTaskModel
-    streams: dict[str, Any]  # task -> iterator of Batch (this rank's shard)
-    losses: dict[str, Callable[[Any, Any], torch.Tensor]]  # task -> head.loss
+    streams: dict[str, Iterator[Batch]]  # task -> iterator of Batch (this rank's shard)
+    losses: dict[str, Callable[[Outputs, Batch], torch.Tensor]]  # task -> head.loss
     global_batch: dict[str, int]  # task -> global batch size of one step
-    weighting: nn.Module  # LossWeighting: weight(task, loss) -> weighted loss, observe(dict)
+    weighting: LossWeighting  # weight(task, loss) -> weighted loss, observe(dict)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler | None
     grad_sync: GradSync

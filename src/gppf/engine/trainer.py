@@ -18,7 +18,6 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-import gppf.tasks  # noqa: F401  (registers task types)
 from gppf.backbones import create_backbone
 from gppf.config import RunConfig, save_config
 from gppf.engine import checkpoint as ckpt
@@ -27,9 +26,9 @@ from gppf.engine.distributed import BufferSync, DistInfo, GradSync, init_distrib
 from gppf.engine.logging import MetricsLogger, Progress
 from gppf.engine.model import MultiTaskModel
 from gppf.engine.simt import SIMTStep, StepResult
-from gppf.engine.weighting import build_weighting
+from gppf.engine.weighting import LossWeighting, build_weighting
 from gppf.lego.optim import LegoSGD
-from gppf.tasks import Task, build_task
+from gppf.tasks import Task, build_task, check_task_types
 
 
 class TrainError(RuntimeError):
@@ -47,7 +46,7 @@ class Run:
     model: MultiTaskModel
     tasks: dict[str, Task]
     plan: dict[str, list[int]]
-    weighting: torch.nn.Module
+    weighting: LossWeighting
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     step_fn: SIMTStep
@@ -177,6 +176,7 @@ def _epoch_batches(task: Task, seed: int) -> Callable[[int], list[list[int]]] | 
 
 def build_run(cfg: RunConfig, *, run_dir: Path, resume: bool) -> Run:
     """Construct model, tasks, optimizer, streams and the SIMT step; restore a checkpoint if asked."""
+    check_task_types(cfg)  # before any process group or model exists: a clear error naming tasks.<i>.type
     info = init_distributed(backend=cfg.dist.backend)
     seed_everything(cfg.train.seed, deterministic=cfg.train.deterministic)
     device = resolve_device(cfg.train.device, info)

@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gppf.data.collate import Batch
-from gppf.heads.fpn import FeaturesLike
+from gppf.interfaces import Batch, Features
+
 
 
 def pooled_mlp(*, in_dim: int, out_dim: int, hidden: int = 0, dropout: float = 0.0) -> nn.Sequential:
@@ -17,27 +17,28 @@ def pooled_mlp(*, in_dim: int, out_dim: int, hidden: int = 0, dropout: float = 0
     return nn.Sequential(nn.Dropout(dropout), nn.Linear(in_dim, out_dim))
 
 
-class ClassificationHead(nn.Module):
+class PooledHead(nn.Module):
+    """Base of heads mapping pooled features to ``num_classes`` logits with ``pooled_mlp``."""
+
+    def __init__(self, *, pooled_dim: int, num_classes: int, hidden: int, dropout: float) -> None:
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"{type(self).__name__} needs num_classes >= 1, got {num_classes}")
+        self.num_classes = int(num_classes)
+        self.mlp = pooled_mlp(in_dim=pooled_dim, out_dim=num_classes, hidden=hidden, dropout=dropout)
+
+    def forward(self, feats: Features) -> Tensor:
+        return self.mlp(feats.pooled)
+
+
+class ClassificationHead(PooledHead):
     """``forward(feats) -> logits [B, C]``; ``loss`` is CE on ``batch.stacked["label"]``; ``predict`` -> logits."""
 
     def __init__(
-        self,
-        *,
-        pooled_dim: int,
-        num_classes: int,
-        hidden: int = 0,
-        dropout: float = 0.0,
-        label_smoothing: float = 0.0,
+        self, *, pooled_dim: int, num_classes: int, hidden: int = 0, dropout: float = 0.0, label_smoothing: float = 0.0
     ) -> None:
-        super().__init__()
-        if num_classes < 1:
-            raise ValueError(f"ClassificationHead needs num_classes >= 1, got {num_classes}")
-        self.num_classes = int(num_classes)
+        super().__init__(pooled_dim=pooled_dim, num_classes=num_classes, hidden=hidden, dropout=dropout)
         self.label_smoothing = float(label_smoothing)
-        self.mlp = pooled_mlp(in_dim=pooled_dim, out_dim=num_classes, hidden=hidden, dropout=dropout)
-
-    def forward(self, feats: FeaturesLike) -> Tensor:
-        return self.mlp(feats.pooled)
 
     def loss(self, outputs: Tensor, batch: Batch) -> Tensor:
         labels_B = batch.stacked["label"].to(outputs.device)

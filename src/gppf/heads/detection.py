@@ -24,7 +24,8 @@ from torchvision import tv_tensors
 from torchvision.ops import batched_nms, generalized_box_iou_loss, sigmoid_focal_loss
 from torchvision.transforms.v2.functional import convert_bounding_box_format
 
-from gppf.heads.fpn import FPN, FeaturesLike, group_norm
+from gppf.heads.fpn import FPN, group_norm
+from gppf.interfaces import Batch, Features
 
 _MAX_LOG_DIST = 10.0  # exp clamp of the box-distance logits (e^10 strides is far beyond any image)
 
@@ -200,7 +201,7 @@ class FCOSHead(nn.Module):
                     nn.init.zeros_(m.bias)
         nn.init.constant_(self.cls_logits.bias, -math.log((1 - prior_prob) / prior_prob))
 
-    def forward(self, feats: FeaturesLike) -> dict[str, Tensor]:
+    def forward(self, feats: Features) -> dict[str, Tensor]:
         """``feats.pyramid`` (backbone strides) -> dict of flattened outputs (see module docstring)."""
         fpn = self.fpn([feats.pyramid[i] for i in self.level_ids])
         cls, ltrb, ctr, points, point_strides = [], [], [], [], []
@@ -244,7 +245,7 @@ class FCOSHead(nn.Module):
             boxes.append(box)
         return torch.stack(labels), torch.stack(boxes)
 
-    def loss_terms(self, outputs: Mapping[str, Tensor], batch: Any) -> dict[str, Tensor]:
+    def loss_terms(self, outputs: Mapping[str, Tensor], batch: Batch) -> dict[str, Tensor]:
         """The three loss terms ``cls``, ``box``, ``centerness`` (each normalized by #positives)."""
         cls = outputs["cls_logits"].float()
         labels, boxes = self.assign(outputs, batch.targets)
@@ -262,7 +263,7 @@ class FCOSHead(nn.Module):
         )
         return {"cls": loss_cls / num_pos, "box": loss_box / num_pos, "centerness": loss_ctr / num_pos}
 
-    def loss(self, outputs: Mapping[str, Tensor], batch: Any) -> Tensor:
+    def loss(self, outputs: Mapping[str, Tensor], batch: Batch) -> Tensor:
         """Sum of :meth:`loss_terms`."""
         return torch.stack(list(self.loss_terms(outputs, batch).values())).sum()
 
@@ -291,7 +292,7 @@ class FCOSHead(nn.Module):
         return boxes_t[keep], scores_t[keep], labels_t[keep]
 
     @torch.no_grad()
-    def predict(self, outputs: Mapping[str, Tensor], batch: Any) -> list[dict[str, Any]]:
+    def predict(self, outputs: Mapping[str, Tensor], batch: Batch) -> list[dict[str, Any]]:
         """Per image: ``boxes [n, 4]`` XYXY in ORIGINAL image pixels, ``scores [n]``, ``labels [n]`` int64,
         ``image_id``. Boxes are mapped back with :func:`boxes_to_original`."""
         input_size = (int(batch.images.shape[-2]), int(batch.images.shape[-1]))

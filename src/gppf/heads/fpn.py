@@ -1,4 +1,4 @@
-"""Shared head building blocks: the ``FeaturesLike`` protocol, a GroupNorm helper and an FPN neck.
+"""Shared head building blocks: a GroupNorm helper and an FPN neck.
 
 ``FPN(in_channels=[C4, C8, C16, C32], width=W)`` maps a stride 4/8/16/32 pyramid to the same strides
 at a common width: lateral 1x1 convs, a top-down pathway (nearest upsampling + sum), then a 3x3 conv
@@ -7,17 +7,10 @@ on every level. Usable by any dense head (segmentation here; detection may reuse
 from __future__ import annotations
 
 import math
-from typing import Protocol, Sequence
+from typing import Sequence
 
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-
-class FeaturesLike(Protocol):
-    """What heads read from a backbone: ``pyramid`` (strides 4, 8, 16, 32) and ``pooled`` ``[B, D]``."""
-
-    pyramid: list[Tensor]
-    pooled: Tensor
 
 
 def group_norm(channels: int) -> nn.GroupNorm:

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gppf.heads.fpn import FPN, FeaturesLike, conv_norm_act
+from gppf.heads.fpn import FPN, conv_norm_act
+from gppf.interfaces import Batch, Features
 
 
 def target_keypoints(targets: Sequence[Mapping[str, Any]]) -> Tensor:
@@ -118,7 +119,7 @@ class HeatmapKeypointHead(nn.Module):
         nn.init.normal_(self.out.weight, std=0.001)
         nn.init.zeros_(self.out.bias)
 
-    def forward(self, feats: FeaturesLike) -> Tensor:
+    def forward(self, feats: Features) -> Tensor:
         """``feats.pyramid`` -> raw heatmaps ``[B, K, H / stride, W / stride]``."""
         levels = self.fpn(feats.pyramid)
         fused = levels[0]
@@ -126,7 +127,7 @@ class HeatmapKeypointHead(nn.Module):
             fused = fused + F.interpolate(level, size=fused.shape[-2:], mode="bilinear", align_corners=False)
         return self.out(self.tower(fused))
 
-    def loss(self, outputs: Tensor, batch: Any) -> Tensor:
+    def loss(self, outputs: Tensor, batch: Batch) -> Tensor:
         """Visibility-weighted heatmap MSE, normalized as in the module docstring."""
         pred = outputs.float()
         keypoints = target_keypoints(batch.targets).to(pred.device)
@@ -138,7 +139,7 @@ class HeatmapKeypointHead(nn.Module):
         return (per_kp * weights).sum() / norm
 
     @torch.no_grad()
-    def predict(self, outputs: Tensor, batch: Any) -> dict[str, Tensor]:
+    def predict(self, outputs: Tensor, batch: Batch) -> dict[str, Tensor]:
         """``keypoints [B, K, 3]`` (x, y in ORIGINAL image pixels, confidence = heatmap peak) and
         ``scores [B]`` (mean keypoint confidence)."""
         input_size = (int(batch.images.shape[-2]), int(batch.images.shape[-1]))

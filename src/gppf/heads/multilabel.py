@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from gppf.data.collate import Batch
-from gppf.heads.classification import pooled_mlp
-from gppf.heads.fpn import FeaturesLike
+from gppf.heads.classification import PooledHead
+from gppf.interfaces import Batch
 
 
 def masked_bce_with_logits(logits_BC: Tensor, labels_BC: Tensor, *, pos_weight: float = 1.0) -> Tensor:
@@ -23,27 +22,14 @@ def masked_bce_with_logits(logits_BC: Tensor, labels_BC: Tensor, *, pos_weight: 
     return (bce_BC * known_BC).sum() / known_BC.sum().clamp(min=1)
 
 
-class MultilabelHead(nn.Module):
+class MultilabelHead(PooledHead):
     """``forward(feats) -> logits [B, C]``; ``loss`` on ``batch.stacked["labels"]``; ``predict`` -> probabilities."""
 
     def __init__(
-        self,
-        *,
-        pooled_dim: int,
-        num_classes: int,
-        hidden: int = 0,
-        dropout: float = 0.0,
-        pos_weight: float = 1.0,
+        self, *, pooled_dim: int, num_classes: int, hidden: int = 0, dropout: float = 0.0, pos_weight: float = 1.0
     ) -> None:
-        super().__init__()
-        if num_classes < 1:
-            raise ValueError(f"MultilabelHead needs num_classes >= 1, got {num_classes}")
-        self.num_classes = int(num_classes)
+        super().__init__(pooled_dim=pooled_dim, num_classes=num_classes, hidden=hidden, dropout=dropout)
         self.pos_weight = float(pos_weight)
-        self.mlp = pooled_mlp(in_dim=pooled_dim, out_dim=num_classes, hidden=hidden, dropout=dropout)
-
-    def forward(self, feats: FeaturesLike) -> Tensor:
-        return self.mlp(feats.pooled)
 
     def loss(self, outputs: Tensor, batch: Batch) -> Tensor:
         labels_BC = batch.stacked["labels"].to(outputs.device)

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gppf.data.collate import Batch
-from gppf.heads.fpn import FeaturesLike
+from gppf.interfaces import Batch, Features
+
 
 
 def batch_hard_triplet_loss(emb_BD: Tensor, ids_B: Tensor, *, margin: float | None = 0.3) -> Tensor:
@@ -68,7 +68,7 @@ class ReidHead(nn.Module):
         self.classifier = nn.Linear(emb_dim, self.num_ids, bias=False)
         nn.init.normal_(self.classifier.weight, std=0.001)
 
-    def forward(self, feats: FeaturesLike) -> dict[str, Tensor]:
+    def forward(self, feats: Features) -> dict[str, Tensor]:
         feat_BE = self.proj(feats.pooled)
         emb_BE = self.bnneck(feat_BE)
         return {"feat": feat_BE, "emb": emb_BE, "logits": self.classifier(emb_BE)}

@@ -10,9 +10,9 @@ from typing import Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gppf.data.collate import Batch
 from gppf.data.transforms import MASK_IGNORE
-from gppf.heads.fpn import FPN, FeaturesLike, conv_norm_act
+from gppf.heads.fpn import FPN, conv_norm_act
+from gppf.interfaces import Batch, Features
 
 
 def resize_logits(logits_BKhw: Tensor, size: Sequence[int]) -> Tensor:
@@ -44,7 +44,7 @@ class SegmentationHead(nn.Module):
         self.fuse = conv_norm_act(width, width)
         self.classifier = nn.Conv2d(width, num_classes, 1)
 
-    def forward(self, feats: FeaturesLike) -> Tensor:
+    def forward(self, feats: Features) -> Tensor:
         levels = self.fpn(feats.pyramid)
         size = levels[0].shape[-2:]
         fused_BWhw = levels[0]

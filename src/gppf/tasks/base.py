@@ -1,91 +1,140 @@
-"""Task framework: ``TaskType`` (what a task-type file registers), ``Task`` (a built task), ``build_task``.
+"""Task framework: ``TaskType`` (the base class a task type subclasses), ``Task`` (a built task), ``build_task``.
 
-A task type is one file in ``gppf/tasks/`` that builds a ``TaskType`` and adds it to ``TASK_TYPES``
-(see ``docs/tasks.md``). ``build_task`` turns a ``TaskConfig`` into datasets + head + metric; it never
-imports backbones: heads only get ``feature_channels`` (channels of the stride 4/8/16/32 pyramid) and
-``pooled_dim``.
+A task type is one subclass of ``TaskType`` registered in ``gppf.registry.TASK_TYPES`` (built-ins by import
+path there; a package outside gppf through the ``gppf.task_types`` entry-point group; see ``docs/tasks.md``).
+``build_task`` turns a ``TaskConfig`` into datasets + head + metric; it never imports backbones: heads only
+get ``feature_channels`` (channels of the stride 4/8/16/32 pyramid) and ``pooled_dim``.
 
-Contracts used by the task types:
-
-* head: ``nn.Module`` with ``forward(feats) -> outputs`` (``feats.pyramid`` list of ``[B, C_l, H_l, W_l]``,
-  ``feats.pooled`` ``[B, D]``; return type independent of ``training``), ``loss(outputs, batch) -> Tensor``
-  scalar and ``predict(outputs, batch) -> preds`` (consumed by the metric).
-* metric: ``update(preds, batch)``, ``compute() -> dict[str, float]`` (all values in ``[0, 1]``),
-  ``reset()``.
-* datasets: readers come from ``READERS.get(cfg.data.format)(cfg.data, split=..., task_type=...,
-  on_bad_sample=...)``; a reader may offer ``target(i) -> dict`` for cheap target-only access (used by
-  ``iter_targets``, e.g. for chance levels), otherwise ``dataset[i][1]`` is used.
+Contracts (typed in ``gppf.interfaces``): heads satisfy ``Head`` (``forward(feats) -> outputs``,
+``loss(outputs, batch) -> Tensor``, ``predict(outputs, batch) -> preds``; output types never depend on
+``training``); metrics satisfy ``Metric``. Readers come from ``READERS.get(cfg.data.format)(cfg.data,
+split=..., task_type=..., on_bad_sample=...)``; a reader may offer ``target(i) -> dict`` for cheap
+target-only access (used by ``iter_targets``, e.g. for chance levels), otherwise ``dataset[i][1]`` is used.
 """
 from __future__ import annotations
 
-import difflib
-import importlib
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence
+import inspect
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping, Sequence
 
 from torch import nn
 from torch.utils.data import Dataset
 
-from gppf.config import ConfigError, TaskConfig
+from gppf import registry
+from gppf.config import ConfigError, RunConfig, TaskConfig, check_name
 from gppf.data.base import READERS, SampleDataset
-from gppf.data.collate import Batch, collate_batch
-from gppf.registry import Registry
+from gppf.data.collate import collate_batch
+from gppf.data.transforms import build_train_transform, build_val_transform
+from gppf.interfaces import Batch, Head, Metric
+from gppf.registry import Registry, RegistryError, closest_hint
 
 __all__ = [
     "Batch",
+    "Head",
     "Metric",
     "TaskType",
     "TASK_TYPES",
     "Task",
     "TransformedDataset",
     "build_task",
+    "check_task_types",
+    "head_option_defaults",
     "head_options",
     "iter_targets",
+    "raw_target",
+    "reader_of",
     "collate_batch",
 ]
 
 
-class Metric(Protocol):
-    """Accumulates predictions over a split; ``compute`` returns the task type's stable keys."""
+def head_option_defaults(head: Callable[..., Any], *, exclude: Iterable[str] = ()) -> dict[str, Any]:
+    """The user-settable options of a head: its keyword-only constructor arguments with defaults
+    (minus ``exclude``, the ones its task type sets itself), mapped to those defaults."""
+    params = inspect.signature(head).parameters.values()
+    skip = set(exclude)
+    return {
+        p.name: p.default
+        for p in params
+        if p.kind is p.KEYWORD_ONLY and p.default is not p.empty and p.name not in skip
+    }
 
-    def update(self, preds: Any, batch: Batch) -> None: ...
 
-    def compute(self) -> dict[str, float]: ...
-
-    def reset(self) -> None: ...
-
-
-@dataclass(frozen=True)
 class TaskType:
-    """What one task-type file registers in ``TASK_TYPES``.
+    """Base class of task types: shared behaviour and defaults; subclasses override what differs.
 
-    * ``build_head(cfg, *, feature_channels, pooled_dim, num_classes, dataset) -> nn.Module``
-      (``dataset``: the raw train split).
-    * ``train_transform(cfg)`` / ``val_transform(cfg)`` -> callable ``tf(image, target) -> (image, target)``
-      (transforms v2; ``build_task`` uses ``val_transform`` for training when ``cfg.augment`` is false).
-    * ``collate(samples) -> Batch``.
-    * ``new_metric(cfg, *, dataset, num_classes) -> Metric`` (``dataset``: the raw val split).
-    * ``chance(*, num_classes, dataset) -> dict`` chance level of each metric key on the raw val split.
-    * ``primary_metric``: the key used for model selection (higher is better).
-    * ``count_classes(dataset) -> int`` (optional): number of classes of the raw train split;
-      default ``dataset.num_classes``.
-    * ``train_batch_sampler(cfg, *, dataset, batch_size, seed) -> Iterable[list[int]]`` (optional): batch
-      sampler for training (e.g. P x K identity sampling for reid); ``None`` = plain random batches.
+    Class attributes: ``name`` (registry name), ``head`` (the head class), ``primary_metric`` (model
+    selection key, higher is better), ``train_mode`` / ``val_mode`` / ``boxes`` (arguments of
+    ``build_train_transform`` / ``build_val_transform``), ``fixed_head_args`` (defaulted head arguments the
+    type sets itself, hidden from users), ``extra_options`` (``cfg.head`` options read by the type, not
+    passed to the head). Head options are ``head_option_defaults(head)`` plus ``extra_options``.
+
+    Subclasses implement ``new_metric`` and ``chance``; they override ``head_inputs`` (the head's
+    structural arguments; default ``pooled_dim`` and ``num_classes``) when the head needs others.
     """
 
-    name: str
-    build_head: Callable[..., nn.Module]
-    train_transform: Callable[[TaskConfig], Callable]
-    val_transform: Callable[[TaskConfig], Callable]
-    collate: Callable[[list], Batch]
-    new_metric: Callable[..., Metric]
-    chance: Callable[..., dict[str, float]]
-    primary_metric: str
-    count_classes: Callable[[Dataset], int] | None = None
-    train_batch_sampler: Callable[..., Iterable[list[int]]] | None = None
+    name: ClassVar[str]
+    head: ClassVar[Callable[..., Head]]
+    primary_metric: ClassVar[str]
+    train_mode: ClassVar[str] = "resize"
+    val_mode: ClassVar[str] = "resize"
+    boxes: ClassVar[bool] = False
+    fixed_head_args: ClassVar[tuple[str, ...]] = ()
+    extra_options: ClassVar[Mapping[str, Any]] = {}
+    collate: ClassVar[Callable[[list], Batch]] = staticmethod(collate_batch)  # picklable module function
+
+    def option_defaults(self) -> dict[str, Any]:
+        """Every ``cfg.head`` key this type accepts, with its default."""
+        return {**head_option_defaults(self.head, exclude=self.fixed_head_args), **self.extra_options}
+
+    def options(self, cfg: TaskConfig) -> dict[str, Any]:
+        """``cfg.head`` validated and merged over ``option_defaults()``."""
+        return head_options(cfg, self.option_defaults())
+
+    def head_inputs(
+        self, cfg: TaskConfig, *, feature_channels: list[int], pooled_dim: int, num_classes: int, dataset: Dataset
+    ) -> dict[str, Any]:
+        """The head's structural constructor arguments (``dataset``: the raw train split)."""
+        return {"pooled_dim": pooled_dim, "num_classes": num_classes}
+
+    def head_kwargs(self, options: Mapping[str, Any]) -> dict[str, Any]:
+        """The user options passed to the head constructor (``extra_options`` stay with the type)."""
+        return {k: v for k, v in options.items() if k not in self.extra_options}
+
+    def build_head(
+        self, cfg: TaskConfig, *, feature_channels: list[int], pooled_dim: int, num_classes: int, dataset: Dataset
+    ) -> Head:
+        inputs = self.head_inputs(
+            cfg, feature_channels=feature_channels, pooled_dim=pooled_dim, num_classes=num_classes, dataset=dataset
+        )
+        return self.head(**inputs, **self.head_kwargs(self.options(cfg)))
+
+    def train_transform(self, cfg: TaskConfig) -> Callable:
+        """``tf(image, target) -> (image, target)`` for training (used only when ``cfg.augment``)."""
+        return build_train_transform(image_size=cfg.image_size, mode=self.train_mode, boxes=self.boxes)
+
+    def val_transform(self, cfg: TaskConfig) -> Callable:
+        """Deterministic ``tf(image, target)`` for evaluation (and training when ``cfg.augment`` is false)."""
+        return build_val_transform(image_size=cfg.image_size, mode=self.val_mode, boxes=self.boxes)
+
+    def new_metric(self, cfg: TaskConfig, *, dataset: Dataset, num_classes: int) -> Metric:
+        """A fresh metric for the val split (``dataset``: the transformed val split)."""
+        raise NotImplementedError
+
+    def chance(self, *, num_classes: int, dataset: Dataset) -> dict[str, float]:
+        """Chance level of every metric key on the val split (raw targets)."""
+        raise NotImplementedError
+
+    def count_classes(self, dataset: Dataset) -> int:
+        """Number of classes of the raw train split."""
+        return int(dataset.num_classes)  # type: ignore[attr-defined]
+
+    def train_batch_sampler(
+        self, cfg: TaskConfig, *, dataset: Dataset, batch_size: int, seed: int
+    ) -> Iterable[list[int]] | None:
+        """Training batch sampler (e.g. P x K identity sampling); ``None`` = plain random batches."""
+        return None
 
 
-TASK_TYPES: Registry[TaskType] = Registry("task type")
+TASK_TYPES: Registry[TaskType] = registry.TASK_TYPES
 
 
 class TransformedDataset(Dataset):
@@ -116,7 +165,7 @@ class TransformedDataset(Dataset):
 
     def target(self, i: int) -> dict[str, Any]:
         """The raw target of item ``i`` (cheap when the reader offers ``target``)."""
-        return _raw_target(self.base, self._base_index(i))
+        return raw_target(self.base, self._base_index(i))
 
     @property
     def classes(self) -> list[str]:
@@ -131,17 +180,25 @@ class TransformedDataset(Dataset):
         return getattr(self.base, "bad", None)
 
 
-def _raw_target(dataset: Dataset, i: int) -> dict[str, Any]:
+def raw_target(dataset: Dataset, i: int) -> dict[str, Any]:
+    """Target ``i`` of ``dataset`` without its image when the dataset offers ``target(i)``."""
     getter = getattr(dataset, "target", None)
     if callable(getter):
         return getter(i)
     return dataset[i][1]
 
 
+def reader_of(dataset: Any) -> Any:
+    """The reader under (possibly nested) ``TransformedDataset`` wrappers."""
+    while hasattr(dataset, "base"):
+        dataset = dataset.base
+    return dataset
+
+
 def iter_targets(dataset: Dataset) -> Iterator[dict[str, Any]]:
     """Yield every target of ``dataset`` in order (``dataset.target(i)`` when offered)."""
     for i in range(len(dataset)):  # type: ignore[arg-type]
-        yield _raw_target(dataset, i)
+        yield raw_target(dataset, i)
 
 
 def head_options(cfg: TaskConfig, defaults: Mapping[str, Any]) -> dict[str, Any]:
@@ -150,19 +207,26 @@ def head_options(cfg: TaskConfig, defaults: Mapping[str, Any]) -> dict[str, Any]
     for key, value in cfg.head.items():
         where = f"tasks.{cfg.name or cfg.type}.head.{key}"
         if key not in defaults:
-            close = difflib.get_close_matches(key, list(defaults), n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
             known = ", ".join(sorted(defaults)) or "none"
-            raise ConfigError(f"unknown head option '{where}' for task type '{cfg.type}'{hint} (known: {known})")
+            raise ConfigError(
+                f"unknown head option '{where}' for task type '{cfg.type}'{closest_hint(key, list(defaults))} "
+                f"(known: {known})"
+            )
         out[key] = _coerce_option(value, defaults[key], where)
     return out
 
 
 def _coerce_option(value: Any, default: Any, where: str) -> Any:
+    """``value`` converted to the type of ``default`` (lists/tuples element-wise, to a list)."""
     if default is None:
         return value
     if value is None:
         raise ConfigError(f"{where}: null is not allowed (default {default!r})")
+    if isinstance(default, (list, tuple)):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        item = default[0] if default else None
+        return [_coerce_option(v, item, f"{where}.{i}") for i, v in enumerate(value)]
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: expected true/false, got {value!r}")
@@ -223,11 +287,7 @@ class Task:
 
     def batch_sampler(self, *, batch_size: int, seed: int) -> Iterable[list[int]] | None:
         """The task type's training batch sampler, or ``None`` for plain random batches."""
-        if self.type.train_batch_sampler is None:
-            return None
-        return self.type.train_batch_sampler(
-            self.cfg, dataset=self.train_set, batch_size=batch_size, seed=seed
-        )
+        return self.type.train_batch_sampler(self.cfg, dataset=self.train_set, batch_size=batch_size, seed=seed)
 
     def __repr__(self) -> str:
         return (
@@ -236,14 +296,23 @@ class Task:
         )
 
 
-def _load_builtin_readers() -> None:
-    """Import the reader modules so that their ``READERS`` registrations exist."""
-    for module in ("gppf.data.readers", "gppf.data.synthetic"):
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
+def check_task_types(cfg: RunConfig) -> None:
+    """Every ``tasks[i].type`` is a registered task type, else ``ConfigError`` naming the key and the
+    closest valid name (the config module itself imports nothing of gppf, so this check lives here)."""
+    known = TASK_TYPES.names()
+    for i, task in enumerate(cfg.tasks):
+        check_name(task.type, known, key=f"tasks.{i}.type", kind="task type")
+
+
+def task_type_of(cfg: TaskConfig) -> TaskType:
+    """The registered ``TaskType`` instance named by ``cfg.type`` (``ConfigError`` when unknown)."""
+    try:
+        task_type = TASK_TYPES.get(cfg.type)
+    except RegistryError as exc:
+        raise ConfigError(f"tasks.{cfg.name or cfg.type}.type: {exc}") from exc
+    if not isinstance(task_type, TaskType):
+        raise ConfigError(f"task type '{cfg.type}' is a {type(task_type).__name__}, not a gppf.tasks.TaskType")
+    return task_type
 
 
 def _val_indices(n: int, limit: int | None) -> list[int] | None:
@@ -257,10 +326,7 @@ def _val_indices(n: int, limit: int | None) -> list[int] | None:
 
 def build_task(cfg: TaskConfig, *, feature_channels: list[int], pooled_dim: int) -> Task:
     """Build readers, transformed datasets, head and metric factory for one ``TaskConfig``."""
-    import gppf.tasks  # noqa: F401  (registers the built-in task types)
-
-    task_type = TASK_TYPES.get(cfg.type)
-    _load_builtin_readers()
+    task_type = task_type_of(cfg)
     reader = READERS.get(cfg.data.format)
     kwargs = {"task_type": cfg.type, "on_bad_sample": cfg.on_bad_sample}
     train_raw: SampleDataset = reader(cfg.data, split="train", **kwargs)
@@ -272,8 +338,7 @@ def build_task(cfg: TaskConfig, *, feature_channels: list[int], pooled_dim: int)
         transform=task_type.val_transform(cfg),
         indices=_val_indices(len(val_raw), cfg.max_val_samples),
     )
-    count = task_type.count_classes or (lambda ds: ds.num_classes)
-    num_classes = int(count(train_raw))
+    num_classes = int(task_type.count_classes(train_raw))
     head = task_type.build_head(
         cfg,
         feature_channels=list(feature_channels),

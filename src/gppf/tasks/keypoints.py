@@ -26,30 +26,13 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from gppf.config import TaskConfig
-from gppf.data.collate import collate_batch
 from gppf.data.transforms import build_train_transform, build_val_transform
 from gppf.heads.keypoints import HeatmapKeypointHead
 from gppf.metrics.coco import CocoKeypointMetric
-from gppf.tasks.base import TASK_TYPES, TaskType, head_options
-from gppf.tasks.detection import reader_of
+from gppf.tasks.base import TaskType, raw_target, reader_of
+from gppf.tasks.detection import FEATURE_STRIDES
 
-HEAD_DEFAULTS: dict[str, Any] = {
-    "width": 128,
-    "num_convs": 2,
-    "sigma": 2.0,
-    "flip_pairs": None,
-    "rotate": 30.0,
-    "scale_jitter": 0.25,
-}
-HEAD_ARGS = ("width", "num_convs", "sigma")
-FEATURE_STRIDES = (4, 8, 16, 32)
 CHANCE_SAMPLES = 512  # raw targets read to estimate the centre-guess PCK
-
-
-def _first_target(dataset: Any) -> dict[str, Any]:
-    getter = getattr(dataset, "target", None)
-    return getter(0) if callable(getter) else dataset[0][1]
-
 
 def num_keypoints_of(dataset: Any) -> int:
     """``K`` from the reader (``num_keypoints`` or ``keypoint_names``), else from the first sample."""
@@ -60,7 +43,7 @@ def num_keypoints_of(dataset: Any) -> int:
         return len(reader.keypoint_names)
     if len(dataset) == 0:
         raise ValueError("keypoints: cannot infer the number of keypoints of an empty dataset")
-    return int(torch.as_tensor(_first_target(dataset)["keypoints"]).reshape(-1, 3).shape[0])
+    return int(torch.as_tensor(raw_target(dataset, 0)["keypoints"]).reshape(-1, 3).shape[0])
 
 
 class KeypointsToTV:
@@ -121,50 +104,13 @@ def _with_keypoints(pipeline: Callable) -> v2.Compose:
     return v2.Compose([KeypointsToTV(), pipeline])
 
 
-def build_head(
-    cfg: TaskConfig, *, feature_channels: list[int], pooled_dim: int, num_classes: int, dataset: Dataset
-) -> HeatmapKeypointHead:
-    opts = head_options(cfg, HEAD_DEFAULTS)
-    return HeatmapKeypointHead(
-        in_channels=feature_channels,
-        in_strides=FEATURE_STRIDES,
-        num_keypoints=num_keypoints_of(dataset),
-        **{k: opts[k] for k in HEAD_ARGS},
-    )
-
-
-def train_transform(cfg: TaskConfig) -> Callable:
-    opts = head_options(cfg, HEAD_DEFAULTS)
-    jitter = float(opts["scale_jitter"])
-    extra = [
-        v2.RandomAffine(degrees=float(opts["rotate"]), scale=(1.0 - jitter, 1.0 + jitter)),
-        KeypointsFromTV(),
-        RandomFlipKeypoints(flip_pairs=opts["flip_pairs"]),
-    ]
-    return _with_keypoints(build_train_transform(image_size=cfg.image_size, mode="resize", hflip=False, extra=extra))
-
-
-def val_transform(cfg: TaskConfig) -> Callable:
-    return _with_keypoints(build_val_transform(image_size=cfg.image_size, mode="resize", extra=[KeypointsFromTV()]))
-
-
-def new_metric(cfg: TaskConfig, *, dataset: Dataset, num_classes: int) -> CocoKeypointMetric:
-    reader = reader_of(dataset)
-    return CocoKeypointMetric(
-        num_keypoints=num_keypoints_of(dataset),
-        coco=getattr(reader, "coco", None),
-        sigmas=getattr(reader, "sigmas", None),
-    )
-
-
 def centre_guess_pck(dataset: Dataset, *, threshold: float = 0.2, max_samples: int = CHANCE_SAMPLES) -> float:
     """PCK@``threshold`` of predicting every keypoint at the crop centre (raw targets, evenly spaced subset)."""
     n = len(dataset)  # type: ignore[arg-type]
-    getter = getattr(dataset, "target", None)
     hits = total = 0
     m = min(n, max_samples)
     for i in sorted({(j * n) // m for j in range(m)}):
-        target = getter(i) if callable(getter) else dataset[i][1]
+        target = raw_target(dataset, i)
         kpts = torch.as_tensor(target["keypoints"]).float().reshape(-1, 3)
         if "crop_box" in target:
             x0, y0, x1, y1 = torch.as_tensor(target["crop_box"]).float().reshape(4).tolist()
@@ -179,18 +125,41 @@ def centre_guess_pck(dataset: Dataset, *, threshold: float = 0.2, max_samples: i
     return hits / total if total else 0.0
 
 
-def chance(*, num_classes: int, dataset: Dataset) -> dict[str, float]:
-    return {"ap": 0.0, "pck": centre_guess_pck(dataset)}
+class KeypointsType(TaskType):
+    name = "keypoints"
+    head = HeatmapKeypointHead
+    primary_metric = "ap"
+    fixed_head_args = ("in_strides",)
+    extra_options = {"flip_pairs": None, "rotate": 30.0, "scale_jitter": 0.25}
 
+    def head_inputs(
+        self, cfg: TaskConfig, *, feature_channels: list[int], pooled_dim: int, num_classes: int, dataset: Dataset
+    ) -> dict[str, Any]:
+        return {"in_channels": feature_channels, "in_strides": FEATURE_STRIDES,
+                "num_keypoints": num_keypoints_of(dataset)}
 
-KEYPOINTS = TaskType(
-    name="keypoints",
-    build_head=build_head,
-    train_transform=train_transform,
-    val_transform=val_transform,
-    collate=collate_batch,
-    new_metric=new_metric,
-    chance=chance,
-    primary_metric="ap",
-)
-TASK_TYPES.add(KEYPOINTS.name, KEYPOINTS)
+    def train_transform(self, cfg: TaskConfig) -> Callable:
+        opts = self.options(cfg)
+        jitter = float(opts["scale_jitter"])
+        extra = [
+            v2.RandomAffine(degrees=float(opts["rotate"]), scale=(1.0 - jitter, 1.0 + jitter)),
+            KeypointsFromTV(),
+            RandomFlipKeypoints(flip_pairs=opts["flip_pairs"]),
+        ]
+        pipeline = build_train_transform(image_size=cfg.image_size, mode="resize", hflip=False, extra=extra)
+        return _with_keypoints(pipeline)
+
+    def val_transform(self, cfg: TaskConfig) -> Callable:
+        pipeline = build_val_transform(image_size=cfg.image_size, mode="resize", extra=[KeypointsFromTV()])
+        return _with_keypoints(pipeline)
+
+    def new_metric(self, cfg: TaskConfig, *, dataset: Dataset, num_classes: int) -> CocoKeypointMetric:
+        reader = reader_of(dataset)
+        return CocoKeypointMetric(
+            num_keypoints=num_keypoints_of(dataset),
+            coco=getattr(reader, "coco", None),
+            sigmas=getattr(reader, "sigmas", None),
+        )
+
+    def chance(self, *, num_classes: int, dataset: Dataset) -> dict[str, float]:
+        return {"ap": 0.0, "pck": centre_guess_pck(dataset)}

@@ -5,34 +5,24 @@ batch-hard triplet loss sees positive pairs; ``Task.batch_sampler(batch_size=...
 The loss stays finite (triplet term 0) on batches without positive pairs, e.g. with plain random batches.
 Val protocol: first sample (by ``image_id``) of each identity is the query, the rest is the gallery.
 
-Head options: ``emb_dim``, ``margin``, ``soft_margin`` (softplus instead of the hinge with ``margin``),
-``triplet_weight``, ``label_smoothing``, ``instances_per_id`` (K of the sampler; 0 disables P x K sampling).
+Head options: ``emb_dim``, ``margin``, ``triplet_weight``, ``label_smoothing`` (from ``ReidHead``) and the
+task type's own ``soft_margin`` (softplus instead of the hinge with ``margin``) and ``instances_per_id``
+(K of the sampler; 0 disables P x K sampling).
 Transforms: resize to ``S x S`` + flip (train), resize (val).
 """
 from __future__ import annotations
 
 import weakref
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch.utils.data import Dataset
 
 from gppf.config import TaskConfig
-from gppf.data.collate import collate_batch
-from gppf.data.transforms import build_train_transform, build_val_transform
 from gppf.heads.reid import ReidHead
 from gppf.metrics.retrieval import RetrievalMetric, retrieval_chance
-from gppf.tasks.base import TASK_TYPES, TaskType, head_options, iter_targets
+from gppf.tasks.base import TaskType, iter_targets
 
-HEAD_DEFAULTS: dict[str, Any] = {
-    "emb_dim": 256,
-    "margin": 0.3,
-    "soft_margin": False,
-    "triplet_weight": 1.0,
-    "label_smoothing": 0.1,
-    "instances_per_id": 4,
-}
-_SAMPLER_KEYS = ("instances_per_id",)
 _IDENTITY_CACHE: "weakref.WeakKeyDictionary[Any, list[int]]" = weakref.WeakKeyDictionary()
 
 
@@ -99,58 +89,40 @@ def training_identities(dataset: Dataset) -> list[int]:
     return sorted(set(dataset_identities(dataset)))
 
 
-def count_classes(dataset: Dataset) -> int:
-    """Number of training identities."""
-    return len(training_identities(dataset))
+class ReidType(TaskType):
+    name = "reid"
+    head = ReidHead
+    primary_metric = "map"
+    extra_options = {"soft_margin": False, "instances_per_id": 4}
 
+    def count_classes(self, dataset: Dataset) -> int:
+        """Number of training identities."""
+        return len(training_identities(dataset))
 
-def build_head(
-    cfg: TaskConfig, *, feature_channels: list[int], pooled_dim: int, num_classes: int, dataset: Dataset
-) -> ReidHead:
-    opts = head_options(cfg, HEAD_DEFAULTS)
-    head_kwargs = {k: v for k, v in opts.items() if k not in _SAMPLER_KEYS}
-    head_kwargs["margin"] = None if head_kwargs.pop("soft_margin") else head_kwargs["margin"]
-    return ReidHead(pooled_dim=pooled_dim, identities=training_identities(dataset), **head_kwargs)
+    def head_inputs(
+        self, cfg: TaskConfig, *, feature_channels: list[int], pooled_dim: int, num_classes: int, dataset: Dataset
+    ) -> dict[str, Any]:
+        return {"pooled_dim": pooled_dim, "identities": training_identities(dataset)}
 
+    def head_kwargs(self, options: Mapping[str, Any]) -> dict[str, Any]:
+        kwargs = super().head_kwargs(options)
+        if options["soft_margin"]:
+            kwargs["margin"] = None  # softplus instead of the hinge
+        return kwargs
 
-def train_batch_sampler(
-    cfg: TaskConfig, *, dataset: Dataset, batch_size: int, seed: int
-) -> IdentityBatchSampler | None:
-    k = int(head_options(cfg, HEAD_DEFAULTS)["instances_per_id"])
-    if k <= 0:
-        return None
-    return identity_sampler(dataset, batch_size=batch_size, k=k, seed=seed)
+    def train_batch_sampler(
+        self, cfg: TaskConfig, *, dataset: Dataset, batch_size: int, seed: int
+    ) -> IdentityBatchSampler | None:
+        k = int(self.options(cfg)["instances_per_id"])
+        if k <= 0:
+            return None
+        return identity_sampler(dataset, batch_size=batch_size, k=k, seed=seed)
 
+    def new_metric(self, cfg: TaskConfig, *, dataset: Dataset, num_classes: int) -> RetrievalMetric:
+        return RetrievalMetric()
 
-def train_transform(cfg: TaskConfig) -> Callable:
-    return build_train_transform(image_size=cfg.image_size, mode="resize")
-
-
-def val_transform(cfg: TaskConfig) -> Callable:
-    return build_val_transform(image_size=cfg.image_size, mode="resize")
-
-
-def new_metric(cfg: TaskConfig, *, dataset: Dataset, num_classes: int) -> RetrievalMetric:
-    return RetrievalMetric()
-
-
-def chance(*, num_classes: int, dataset: Dataset) -> dict[str, float]:
-    targets = list(iter_targets(dataset))
-    identities_N = torch.tensor([int(t["identity"]) for t in targets])
-    image_ids_N = torch.tensor([int(t["image_id"]) for t in targets])
-    return retrieval_chance(identities_N, image_ids_N)
-
-
-REID = TaskType(
-    name="reid",
-    build_head=build_head,
-    train_transform=train_transform,
-    val_transform=val_transform,
-    collate=collate_batch,
-    new_metric=new_metric,
-    chance=chance,
-    primary_metric="map",
-    count_classes=count_classes,
-    train_batch_sampler=train_batch_sampler,
-)
-TASK_TYPES.add(REID.name, REID)
+    def chance(self, *, num_classes: int, dataset: Dataset) -> dict[str, float]:
+        targets = list(iter_targets(dataset))
+        identities_N = torch.tensor([int(t["identity"]) for t in targets])
+        image_ids_N = torch.tensor([int(t["image_id"]) for t in targets])
+        return retrieval_chance(identities_N, image_ids_N)

@@ -1,4 +1,4 @@
-"""Dataset readers; importing this package registers every format in ``gppf.data.base.READERS``.
+"""Dataset readers; each module's ``build`` is registered by name in ``gppf.registry.READERS``.
 
 Formats: ``imagefolder``, ``coco``, ``yolo``, ``mask_png``, ``table``, ``idx`` (see docs/data-formats.md).
 """

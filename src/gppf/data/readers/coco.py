@@ -15,7 +15,7 @@ from pycocotools.coco import COCO
 from torchvision import tv_tensors
 
 from gppf.config import DataConfig
-from gppf.data.base import READERS, DataError, OnBad
+from gppf.data.base import DataError, OnBad
 from gppf.data.readers.common import (
     ReaderDataset,
     SampleError,
@@ -342,7 +342,6 @@ def _samples(ds: CocoDataset) -> list[tuple[int, int]]:
     ]
 
 
-@READERS.register(FORMAT)
 def build(cfg: DataConfig, *, split: str, task_type: str, on_bad_sample: OnBad) -> CocoDataset:
     """Build the ``coco`` dataset of ``split`` (see docs/data-formats.md)."""
     opts = check_options(cfg, allowed={"images": (str, dict), "crop_scale": (int, float)}, reader=FORMAT)

@@ -13,7 +13,7 @@ import torch
 from torchvision import tv_tensors
 
 from gppf.config import DataConfig
-from gppf.data.base import READERS, DataError, OnBad
+from gppf.data.base import DataError, OnBad
 from gppf.data.readers.common import ReaderDataset, SampleError, check_options, require_task, root_dir, split_name
 
 FORMAT = "idx"
@@ -100,7 +100,6 @@ def _classes(cfg: DataConfig, names: str | None) -> list[str]:
     return NAMES[names]
 
 
-@READERS.register(FORMAT)
 def build(cfg: DataConfig, *, split: str, task_type: str, on_bad_sample: OnBad) -> IdxDataset:
     """Build the ``idx`` dataset of ``split`` (see docs/data-formats.md)."""
     opts = check_options(cfg, allowed={"names": str}, reader=FORMAT)

@@ -7,7 +7,7 @@ from typing import Any
 from torchvision import tv_tensors
 
 from gppf.config import DataConfig
-from gppf.data.base import READERS, DataError, OnBad
+from gppf.data.base import DataError, OnBad
 from gppf.data.readers.common import (
     ReaderDataset,
     SampleError,
@@ -102,7 +102,6 @@ def _check_disjoint(*, train_dir: Path, val_dir: Path, val_ids: list[str]) -> No
         )
 
 
-@READERS.register(FORMAT)
 def build(cfg: DataConfig, *, split: str, task_type: str, on_bad_sample: OnBad) -> ImageFolderDataset:
     """Build the ``imagefolder`` dataset of ``split`` (see docs/data-formats.md)."""
     opts = check_options(cfg, allowed={"extensions": list}, reader=FORMAT)

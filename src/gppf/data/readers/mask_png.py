@@ -9,7 +9,7 @@ import torch
 from torchvision import tv_tensors
 
 from gppf.config import DataConfig
-from gppf.data.base import READERS, DataError, OnBad
+from gppf.data.base import DataError, OnBad
 from gppf.data.readers.common import (
     ReaderDataset,
     SampleError,
@@ -110,7 +110,6 @@ def _pair(images: list[Path], labels_dir: Path, ds: MaskPngDataset) -> list[tupl
     return pairs
 
 
-@READERS.register(FORMAT)
 def build(cfg: DataConfig, *, split: str, task_type: str, on_bad_sample: OnBad) -> MaskPngDataset:
     """Build the ``mask_png`` dataset of ``split`` (see docs/data-formats.md)."""
     opts = check_options(cfg, allowed={"ignore_index": (int, list)}, reader=FORMAT)

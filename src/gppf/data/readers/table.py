@@ -11,7 +11,7 @@ import torch
 from torchvision import tv_tensors
 
 from gppf.config import DataConfig
-from gppf.data.base import READERS, DataError, OnBad
+from gppf.data.base import DataError, OnBad
 from gppf.data.readers.common import (
     ReaderDataset,
     SampleError,
@@ -171,7 +171,6 @@ def _target(row: Row, *, classes: list[str], task_type: str) -> torch.Tensor | i
     return int(y.argmax())
 
 
-@READERS.register(FORMAT)
 def build(cfg: DataConfig, *, split: str, task_type: str, on_bad_sample: OnBad) -> TableDataset:
     """Build the ``table`` dataset of ``split`` (see docs/data-formats.md)."""
     opts = check_options(cfg, allowed={"images": (str, dict)}, reader=FORMAT)

@@ -15,7 +15,7 @@ from pycocotools.coco import COCO
 from torchvision import tv_tensors
 
 from gppf.config import DataConfig
-from gppf.data.base import READERS, DataError, OnBad
+from gppf.data.base import DataError, OnBad
 from gppf.data.readers.common import (
     ReaderDataset,
     SampleError,
@@ -293,7 +293,6 @@ def _read_labels(ds: YoloDataset, *, labels_dir: Path, meta: Meta) -> None:
         ds.drop(SampleError(f"label file {orphan} has no image in {ds.files[0].parent}", kind="orphan_label"))
 
 
-@READERS.register(FORMAT)
 def build(cfg: DataConfig, *, split: str, task_type: str, on_bad_sample: OnBad) -> YoloDataset:
     """Build the ``yolo`` dataset of ``split`` (see docs/data-formats.md)."""
     opts = check_options(cfg, allowed={"yaml": str, "kpt_shape": list, "crop_scale": (int, float)}, reader=FORMAT)

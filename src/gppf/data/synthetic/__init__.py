@@ -1,6 +1,6 @@
 """Built-in procedural multi-domain data (the ``synthetic`` reader); see ``docs/builtin-data.md``.
 
-Importing this package registers the reader in ``gppf.data.base.READERS``.
+The reader ``build`` is registered as ``synthetic`` in ``gppf.registry.READERS``.
 """
 from gppf.data.synthetic.creature import KEYPOINT_NAMES, KEYPOINT_SIGMAS
 from gppf.data.synthetic.dataset import (

@@ -19,7 +19,7 @@ from pycocotools.coco import COCO
 from torchvision import tv_tensors
 
 from gppf.config import DataConfig
-from gppf.data.base import READERS, BadSamples, DataError, OnBad, SampleDataset
+from gppf.data.base import BadSamples, DataError, OnBad, SampleDataset
 from gppf.data.synthetic import creature
 from gppf.data.synthetic.domains import DOMAINS, Domain
 from gppf.data.synthetic.scenes import (
@@ -265,7 +265,6 @@ def _keypoint_ann(scene: Scene) -> list[dict[str, Any]]:
              "area": scene.area, "bbox": _xywh(scene.box), "category_id": 1}]
 
 
-@READERS.register("synthetic")
 def build(cfg: DataConfig, *, split: Literal["train", "val"], task_type: str, on_bad_sample: str) -> SampleDataset:
     """Build the synthetic dataset of ``split`` for ``task_type`` from ``cfg.options``."""
     if on_bad_sample not in ("error", "skip"):
