@@ -8,7 +8,8 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from gppf.lego.router import TaskRouter
+from gppf.lego.layers import LegoRows
+from gppf.lego.router import Route, TaskRouter
 from gppf.registry import Registry
 
 
@@ -28,19 +29,29 @@ class LegoBackbone(nn.Module):
     pooled_dim: int
     router: TaskRouter
 
-    def forward_features(self, x_BCHW: Tensor, task: str) -> list[Tensor]:
+    def forward_features(self, x_BCHW: Tensor, task: str, *, route: Route | None = None) -> list[Tensor]:
+        """The pyramid of ``task`` along ``route`` (default: ``self.router(task)``)."""
         raise NotImplementedError
 
     def pool(self, pyramid: list[Tensor]) -> Tensor:
         raise NotImplementedError
 
-    def forward(self, x_BCHW: Tensor, task: str) -> Features:
+    def lego_rows(self) -> list[LegoRows]:
+        """Every parameter whose rows are lego channels, with the routing point that picks them.
+
+        A training step maps its routes to the rows they use (``gppf.lego.layers.rows_used``) and tells
+        its optimizer (``LegoSGD.prepare``); parameters not listed are dense.
+        """
+        raise NotImplementedError
+
+    def forward(self, x_BCHW: Tensor, task: str, *, route: Route | None = None) -> Features:
+        """Features of ``task``; ``route`` (default ``self.router(task)``) lets a step route once, up front."""
         with self.task_statistics(task):
-            pyramid = self.forward_features(x_BCHW, task)
+            pyramid = self.forward_features(x_BCHW, task, route=route)
         return Features(pyramid=pyramid, pooled=self.pool(pyramid))
 
-    def forward_pooled(self, x_BCHW: Tensor, task: str) -> Tensor:
-        return self.forward(x_BCHW, task).pooled
+    def forward_pooled(self, x_BCHW: Tensor, task: str, *, route: Route | None = None) -> Tensor:
+        return self.forward(x_BCHW, task, route=route).pooled
 
     # ------------------------------------------------------------------ per-task BN statistics
     def init_task_statistics(self) -> None:
