@@ -95,7 +95,7 @@ class SIMTStep:
         count: dict[str, float] = {t: 0.0 for t in self.global_batch}
         bad_tasks: list[str] = []
 
-        # 1. every sampled task of this rank: routes (-> optimizer) ; batch -> head -> weighted loss -> backward
+        # 1. route every sampled task of this rank (-> optimizer), then batch -> head -> weighted loss -> backward
         sampled = self.tasks_this_step(step)
         routes = self._routes([t for t in self.streams if t in sampled])
         for task, route in routes.items():
