@@ -14,7 +14,11 @@ runs when a model is read):
   of each lego parameter that the step's routes use (``gppf.lego.layers.rows_used``; ``None``: the
   whole parameter). ``prepare`` brings exactly those rows up to date, so the forward reads current
   weights and never has to change one. ``step()`` without a ``prepare`` since the last ``step()``
-  raises (it would silently drop gradients).
+  raises (it would silently drop gradients). Why before the forward: a row left behind is next read
+  by a later step's forward, and only that step knows its routes (Gumbel routes are random), so it
+  draws them once, up front, and passes them both here and to the forward. Catching up inside the
+  forward would make reading a model change it; catching up every row each step costs what plain
+  SGD costs.
 * ``step()`` runs the same fused / foreach kernel as ``torch.optim.SGD`` on contiguous views of the
   used row runs (and on dense parameters whole); ``zero_grad()`` clears only rows used since the last
   ``zero_grad``. The rows a step did not use must have no gradient there (the gather of
