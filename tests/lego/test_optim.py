@@ -244,8 +244,13 @@ def test_step_without_prepare_raises_and_state_is_per_instance() -> None:
     layer(torch.randn(3, 4), out_idx=LegoIndex(torch.tensor([0]), 2)).sum().backward()
     with pytest.raises(RuntimeError, match="prepare"):
         opt.step()
-    other = _lego_sgd(layer, 2, 2, lr=0.1)  # a second optimizer keeps its own books; nothing global
-    assert other.lazy_params == opt.lazy_params and other._cells[id(layer.weight)] is not opt._cells[id(layer.weight)]
+    other = _lego_sgd(layer, 2, 2, lr=0.1, weight_decay=0.1)  # a second optimizer keeps its own books
+    _prepare(opt, layer, LegoIndex(torch.tensor([0]), 2), 2)
+    opt.step()
+    assert opt.pending and not other.pending  # nothing global: the first one's deferred rows are its own
+    before = layer.weight.detach().clone()
+    other.flush()
+    assert torch.equal(layer.weight, before)
 
 
 def test_rows_used_maps_routes_to_rows_of_each_copy() -> None:

@@ -40,9 +40,10 @@ class LegoBackbone(nn.Module):
         """Every parameter whose rows are lego channels, with the routing point that picks them.
 
         A training step maps its routes to the rows they use (``gppf.lego.layers.rows_used``) and tells
-        its optimizer (``LegoSGD.prepare``); parameters not listed are dense.
+        its optimizer (``LegoSGD.prepare``); parameters not listed are dense. The default lists none:
+        always correct (plain SGD for every parameter), only not lazy.
         """
-        raise NotImplementedError
+        return []
 
     def forward(self, x_BCHW: Tensor, task: str, *, route: Route | None = None) -> Features:
         """Features of ``task``; ``route`` (default ``self.router(task)``) lets a step route once, up front."""
