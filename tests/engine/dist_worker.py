@@ -3,7 +3,9 @@
 Builds a tiny two-task run whose tasks have disjoint fixed routes, takes three SIMT steps, and saves
 every parameter's gradient of the first step as seen by the optimizer (after the cross-rank sync) from
 rank 0, and every rank's parameters after the three steps (``LegoSGD`` updates only the legos used,
-on each rank also those only the other rank's task used).
+on each rank also those only the other rank's task used). Between steps the main rank alone reads
+the model (an eval forward and a ``state_dict`` while lego updates are deferred: nothing may change),
+then every rank checkpoints (settle) and the main rank alone evaluates, as the trainer does.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from gppf.config import load_config
-from gppf.engine.trainer import build_run
+from gppf.engine.trainer import Run, TrainError, build_run, evaluate, save
 
 
 def tiny_config(planner: str, out: str):
@@ -32,14 +34,38 @@ def tiny_config(planner: str, out: str):
     return load_config(base=base)
 
 
+def freeze(run: Run, frozen: bool) -> None:
+    """Batch statistics are per rank (as in DDP without SyncBN): freeze them if asked."""
+    for m in run.model.modules():
+        if frozen and isinstance(m, torch.nn.BatchNorm2d):
+            m.eval()
+
+
+def read_alone(run: Run, frozen: bool) -> None:
+    """This rank alone reads the model while lego updates are deferred: parameters must not change."""
+    assert run.optimizer.pending, "lego 4 is never used: its updates must be deferred"
+    before = {n: p.detach().clone() for n, p in run.model.named_parameters()}
+    run.model.eval()
+    with torch.no_grad():
+        for name, task in run.tasks.items():
+            run.model(task.collate([task.val_set[i] for i in range(4)]).images, name)
+    run.model.train()
+    freeze(run, frozen)
+    run.model.state_dict()
+    try:
+        evaluate(run)
+        raise AssertionError("evaluate() must refuse to read deferred lego rows")
+    except TrainError:
+        pass
+    for n, p in run.model.named_parameters():
+        assert torch.equal(p, before[n]), f"reading the model changed {n}"
+
+
 def main(planner: str, out: str, freeze_bn: str) -> None:
     torch.set_num_threads(1)
     cfg = tiny_config(planner, out)
     run = build_run(cfg, run_dir=Path(out).parent / f"run_{planner}", resume=False)
-    if freeze_bn == "1":  # batch statistics are per rank (as in DDP without SyncBN): freeze them
-        for m in run.model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.eval()
+    freeze(run, freeze_bn == "1")
     grads: dict[str, torch.Tensor] = {}
     original_step = run.optimizer.step
 
@@ -53,6 +79,13 @@ def main(planner: str, out: str, freeze_bn: str) -> None:
     run.optimizer.step = recording_step  # type: ignore[method-assign]
     for step in range(3):
         run.step_fn(step)
+        if step == 0 and run.info.is_main:
+            read_alone(run, freeze_bn == "1")
+        if step == 1:
+            save(run, 2)  # every rank settles, the main rank writes
+            if run.info.is_main:
+                evaluate(run)
+                freeze(run, freeze_bn == "1")
     run.optimizer.flush()
     params = {name: p.detach().clone() for name, p in run.model.named_parameters()}
     save_file(params, f"{out}.params{run.info.rank}")

@@ -125,6 +125,29 @@ def test_gather_rejects_autograd_grad_and_double_backward():
         lin(x, out_idx=idx).sum().backward(create_graph=True)
 
 
+def test_private_engine_query_is_pinned():
+    """``_GatherIntoGrad`` relies on ``torch._C._will_engine_execute_node``: fail here if torch drops it.
+
+    Behaviour pinned: in ``autograd.grad`` w.r.t. the lego weight its AccumulateGrad node does not run,
+    so the gather raises instead of writing into ``.grad`` behind the caller's back; in ``backward()``
+    it runs and the gradient lands in ``.grad``.
+    """
+    assert callable(getattr(torch._C, "_will_engine_execute_node", None))
+    lin = LegoLinear(in_features=4, out_features=8)
+    idx = LegoIndex(torch.tensor([1]), 4)
+    x = torch.randn(3, 4, requires_grad=True)
+    with pytest.raises(RuntimeError, match="autograd.grad"):
+        torch.autograd.grad(lin(x, out_idx=idx).sum(), [x, lin.weight])
+    assert lin.weight.grad is None
+    (gx,) = torch.autograd.grad(lin(x, out_idx=idx).sum(), x)  # the gather is not on x's path: not run
+    torch.testing.assert_close(gx, lin.weight[4:].detach().sum(0).expand(3, 4))
+    assert lin.weight.grad is None
+    lin(x, out_idx=idx).sum().backward()
+    expected = torch.zeros(8, 4)
+    expected[4:] = x.detach().sum(0)
+    torch.testing.assert_close(lin.weight.grad, expected)
+
+
 def test_gather_of_a_non_leaf_uses_plain_autograd():
     base = torch.randn(8, 6, requires_grad=True)
     idx = LegoIndex(torch.tensor([1]), 4)

@@ -1,15 +1,16 @@
-"""LegoSGD: equal to torch.optim.SGD, while touching only the legos a step used."""
+"""LegoSGD: equal to torch.optim.SGD, while touching only the lego rows a step's routes used."""
 from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pytest
 import torch
 from torch import Tensor, nn
 
 import gppf
-from gppf.lego.layers import LegoConv2d, LegoIndex, LegoLinear
-from gppf.lego.optim import LegoSGD, lazy_cells, mark_lego_param, skipped_step_map
+from gppf.lego.layers import LegoConv2d, LegoIndex, LegoLinear, LegoRows, rows_used
+from gppf.lego.optim import LegoSGD, skipped_step_map
 
 HYPER = [
     dict(lr=0.1, momentum=0.9, weight_decay=0.05, nesterov=True),
@@ -17,6 +18,11 @@ HYPER = [
     dict(lr=0.1, momentum=0.0, weight_decay=0.05, nesterov=False),
     dict(lr=0.1, momentum=0.5, weight_decay=0.0, nesterov=False),
 ]
+TINY = {
+    "gppf_r18": dict(legos=4, active=2, width_mult=0.25),
+    "gppf_r50": dict(legos=4, active=2, width_mult=0.125),
+    "gppf_vit_tiny": dict(legos=6, active=3, depth=2, image_size=32, patch_size=8),
+}
 
 
 def _twins(make: type[nn.Module], **kw: int) -> tuple[nn.Module, nn.Module]:
@@ -34,19 +40,33 @@ def _close(actual: Tensor, expected: Tensor, tol: float = 1e-5) -> None:
 
 
 def _route(gen: torch.Generator, legos: int, k: int, width: int) -> LegoIndex:
-    return LegoIndex(torch.randperm(legos, generator=gen)[:k], width)
+    return LegoIndex(torch.randperm(legos, generator=gen)[:k].sort().values, width)
+
+
+def _rows(layer: nn.Module, legos: int, width: int) -> list[LegoRows]:
+    """A lone lego layer's declaration: its weight and bias rows are ``legos`` legos of routing point 0."""
+    return [LegoRows(param=p, point=0, width=width, legos=legos) for p in (layer.weight, layer.bias) if p is not None]
+
+
+def _lego_sgd(layer: nn.Module, legos: int, width: int, **hyper: float) -> LegoSGD:
+    return LegoSGD(layer.parameters(), lego_params=[d.param for d in _rows(layer, legos, width)], **hyper)
+
+
+def _prepare(opt: LegoSGD, layer: nn.Module, rows: LegoIndex, legos: int) -> None:
+    opt.prepare(rows_used(_rows(layer, legos, rows.width), [rows.idx_K[None]]))
 
 
 @pytest.mark.parametrize("hyper", HYPER, ids=["nesterov", "momentum", "plain", "no_decay"])
 def test_linear_matches_sgd_step_by_step(hyper: dict) -> None:
     ref, lazy = _twins(LegoLinear, in_features=12, out_features=12)
     o_ref = torch.optim.SGD(ref.parameters(), **hyper)
-    o_lazy = LegoSGD(lazy.parameters(), **hyper)
+    o_lazy = _lego_sgd(lazy, 4, 3, **hyper)
     s_ref = torch.optim.lr_scheduler.StepLR(o_ref, 3, gamma=0.5)
     s_lazy = torch.optim.lr_scheduler.StepLR(o_lazy, 3, gamma=0.5)
     gen, x = torch.Generator().manual_seed(1), torch.randn(5, 12)
     for _ in range(15):
         rows, cols = _route(gen, 4, 2, 3), _route(gen, 4, 2, 3)
+        _prepare(o_lazy, lazy, rows, 4)  # before the forward: the rows it reads are brought up to date
         outs = []
         for layer, opt, sched in ((ref, o_ref, s_ref), (lazy, o_lazy, s_lazy)):
             opt.zero_grad(set_to_none=False)
@@ -55,7 +75,7 @@ def test_linear_matches_sgd_step_by_step(hyper: dict) -> None:
             y.square().sum().backward()
             opt.step()
             sched.step()
-        _close(outs[1], outs[0])  # the forward reads caught-up legos
+        _close(outs[1], outs[0])  # the forward read prepared (caught-up) rows
     o_lazy.flush()
     for p_ref, p_lazy in zip(ref.parameters(), lazy.parameters()):
         _close(p_lazy, p_ref)
@@ -65,7 +85,7 @@ def test_linear_matches_sgd_step_by_step(hyper: dict) -> None:
 
 def test_step_writes_only_the_used_rows() -> None:
     conv = LegoConv2d(in_channels=8, out_channels=8, kernel_size=3, padding=1)
-    opt = LegoSGD(conv.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+    opt = _lego_sgd(conv, 4, 2, lr=0.1, momentum=0.9, weight_decay=0.1)
     rows, cols = LegoIndex(torch.tensor([0, 2]), 2), LegoIndex(torch.tensor([1, 3]), 2)
     used = torch.zeros(8, dtype=torch.bool)
     used[rows.channels()] = True
@@ -73,6 +93,7 @@ def test_step_writes_only_the_used_rows() -> None:
     for _ in range(2):
         before = conv.weight.detach().clone()
         opt.zero_grad(set_to_none=False)
+        _prepare(opt, conv, rows, 4)
         conv(x, in_idx=cols, out_idx=rows).sum().backward()
         assert not conv.weight.grad[~used].any()
         opt.step()
@@ -80,47 +101,79 @@ def test_step_writes_only_the_used_rows() -> None:
         assert torch.equal(changed, used)  # unused legos: not read, not written (deferred)
     opt.zero_grad(set_to_none=False)
     assert not conv.weight.grad.any()  # zero_grad cleared exactly what the backward wrote
+    assert opt.pending
     weight_before_flush = conv.weight.detach().clone()
     opt.flush()  # two skipped steps of weight decay and momentum for the unused legos
+    assert not opt.pending
     a, b, c, _ = skipped_step_map(lr=0.1, momentum=0.9, weight_decay=0.1, nesterov=False)
     expected = weight_before_flush * (a * a + b * c)  # v = 0 before: (w, 0) -> map^2 -> w (a^2 + b c)
     torch.testing.assert_close(conv.weight[~used], expected[~used])
 
 
-def test_backbone_matches_sgd_with_changing_routes() -> None:
+@pytest.mark.parametrize("name", list(TINY))
+def test_backbone_matches_sgd_with_changing_routes(name: str) -> None:
     def make() -> nn.Module:
         torch.manual_seed(0)
-        return gppf.create_backbone("gppf_r18", legos=4, active=2, tasks=["a", "b"], width_mult=0.25)
+        return gppf.create_backbone(name, tasks=["a", "b"], **TINY[name])
 
     ref, lazy = make(), make()
     hyper = dict(lr=0.01, momentum=0.9, weight_decay=1e-2, nesterov=True)
-    o_ref, o_lazy = torch.optim.SGD(ref.parameters(), **hyper), LegoSGD(lazy.parameters(), **hyper)
-    assert len([p for p in lazy.parameters() if lazy_cells(p) is not None]) == 32
-    x = torch.randn(8, 3, 64, 64)
+    declared = lazy.lego_rows()
+    o_ref = torch.optim.SGD(ref.parameters(), **hyper)
+    o_lazy = LegoSGD(lazy.parameters(), lego_params=[d.param for d in declared], **hyper)
+    assert len(o_lazy.lazy_params) == len(declared) > 0
+    x = torch.randn(4, 3, 32, 32)
     for step in range(6):
-        for model, opt in ((ref, o_ref), (lazy, o_lazy)):
+        task = "a" if step % 3 else "b"
+        route = lazy.router(task)
+        o_lazy.prepare(rows_used(declared, [route.idx_LK]))
+        for model, opt, r in ((ref, o_ref, None), (lazy, o_lazy, route)):
             opt.zero_grad(set_to_none=False)
-            task = "a" if step % 3 else "b"
-            model.forward_pooled(x, task).square().mean().backward()
+            model.forward_pooled(x, task, route=r).square().mean().backward()
             opt.step()
+    assert o_lazy.pending  # some legos were left unused: their updates are deferred
+    o_lazy.flush()
+    for (n, p_ref), p_lazy in zip(ref.named_parameters(), lazy.parameters()):
+        torch.testing.assert_close(p_lazy, p_ref, atol=1e-5, rtol=1e-4, msg=n)
     ref.eval(), lazy.eval()
     with torch.no_grad():
         torch.testing.assert_close(lazy.forward_pooled(x, "a"), ref.forward_pooled(x, "a"), atol=1e-4, rtol=1e-4)
-    o_lazy.flush()
-    for (name, p_ref), p_lazy in zip(ref.named_parameters(), lazy.parameters()):
-        torch.testing.assert_close(p_lazy, p_ref, atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_dense_use_updates_the_whole_parameter() -> None:
+@pytest.mark.parametrize("name", list(TINY))
+def test_declared_rows_are_exactly_where_routes_put_gradient(name: str) -> None:
+    """A route's gradient on every declared parameter lies inside ``rows_used`` and reaches each used lego."""
+    torch.manual_seed(0)
+    bb = gppf.create_backbone(name, tasks=["a"], **TINY[name])
+    for m in bb.modules():  # undo zero-init residuals: gradient reaches every block
+        if isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+    route = bb.router("a")
+    bb.forward_pooled(torch.randn(2, 3, 32, 32), "a", route=route).square().sum().backward()
+    used = rows_used(bb.lego_rows(), [route.idx_LK])
+    for p, mask_R in used.items():
+        grad = p.grad.reshape(p.shape[0], -1).abs().sum(1)
+        assert 0 < mask_R.sum() < mask_R.size
+        assert not grad[torch.from_numpy(~mask_R)].any()
+        d = next(d for d in bb.lego_rows() if d.param is p)  # each used lego got some gradient
+        per_lego = grad.reshape(d.copies, d.legos, d.width).sum((0, 2))
+        assert (per_lego[route.idx_LK[d.point]] > 0).all()
+
+
+def test_declaring_the_whole_parameter_used_updates_it_whole() -> None:
     ref, lazy = _twins(LegoLinear, in_features=6, out_features=6)
     o_ref = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
-    o_lazy = LegoSGD(lazy.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+    o_lazy = _lego_sgd(lazy, 3, 2, lr=0.1, momentum=0.9, weight_decay=0.1)
     x = torch.randn(4, 6)
     rows = LegoIndex(torch.tensor([1]), 2)
     for step in range(4):
+        if step == 2:  # a plain use of the full weight: its rows are all used
+            o_lazy.prepare({lazy.weight: None, lazy.bias: rows_used(_rows(lazy, 3, 2), [rows.idx_K[None]])[lazy.bias]})
+        else:
+            _prepare(o_lazy, lazy, rows, 3)
         for layer, opt in ((ref, o_ref), (lazy, o_lazy)):
             opt.zero_grad(set_to_none=False)
-            if step == 2:  # a plain use of the full weight: ordinary autograd gradient
+            if step == 2:
                 (layer.weight.sum() + layer(x, out_idx=rows).sum()).backward()
             else:
                 layer(x, out_idx=rows).sum().backward()
@@ -130,46 +183,96 @@ def test_dense_use_updates_the_whole_parameter() -> None:
         torch.testing.assert_close(p_lazy, p_ref, atol=1e-6, rtol=1e-5)
 
 
-def test_state_dict_is_torch_sgd_and_attach_flushes() -> None:
+@pytest.mark.parametrize("hyper", HYPER[:2], ids=["nesterov", "momentum"])
+def test_no_gradient_yet_means_no_deferred_decay(hyper: dict) -> None:
+    """A lego parameter whose ``.grad`` is None for its first steps is skipped by SGD: no decay is charged
+    later (before the fix the rows caught up 3 skipped steps of decay: max |diff| 0.066)."""
+    torch.manual_seed(0)
+    ref_dense, ref_lego = nn.Parameter(torch.randn(4)), nn.Parameter(torch.randn(6, 3) * 3)
+    dense, lego = nn.Parameter(ref_dense.detach().clone()), nn.Parameter(ref_lego.detach().clone())
+    o_ref = torch.optim.SGD([ref_dense, ref_lego], **hyper)
+    o_lazy = LegoSGD([dense, lego], lego_params=[lego], **hyper)
+    decl = [LegoRows(param=lego, point=0, width=2, legos=3)]
+    for step in range(6):
+        route_LK = torch.tensor([[step % 3]])
+        o_lazy.prepare(rows_used(decl, [route_LK]) if step >= 3 else {})
+        for d, w, opt in ((ref_dense, ref_lego, o_ref), (dense, lego, o_lazy)):
+            opt.zero_grad(set_to_none=True)
+            loss = d.square().sum()
+            if step >= 3:  # the lego parameter joins only now (its .grad was None until here)
+                loss = loss + w[2 * (step % 3):2 * (step % 3) + 2].square().sum()
+            loss.backward()
+            opt.step()
+    o_lazy.flush()
+    torch.testing.assert_close(lego, ref_lego, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(dense, ref_dense, atol=1e-6, rtol=1e-6)
+
+
+def test_reading_never_changes_weights_and_state_needs_a_flush() -> None:
     layer = LegoLinear(in_features=4, out_features=4)
-    opt = LegoSGD(layer.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1).attach(layer)
-    x = torch.randn(3, 4)
+    ref = LegoLinear(in_features=4, out_features=4)
+    ref.load_state_dict(layer.state_dict())
+    hyper = dict(lr=0.1, momentum=0.9, weight_decay=0.1)
+    opt, o_ref = _lego_sgd(layer, 2, 2, **hyper), torch.optim.SGD(ref.parameters(), **hyper)
+    x, rows = torch.randn(3, 4), LegoIndex(torch.tensor([0]), 2)
     for _ in range(2):
-        opt.zero_grad(set_to_none=False)
-        layer(x, out_idx=LegoIndex(torch.tensor([0]), 2)).sum().backward()
-        opt.step()
-    stale_row = layer.weight[3].detach().clone()
-    weights = layer.state_dict()  # the pre-hook flushes first: saved weights are SGD's
-    assert not torch.equal(weights["weight"][3], stale_row)
-    plain = torch.optim.SGD(layer.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+        _prepare(opt, layer, rows, 2)
+        for m, o in ((layer, opt), (ref, o_ref)):
+            o.zero_grad(set_to_none=False)
+            m(x, out_idx=rows).sum().backward()
+            o.step()
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    with torch.no_grad():  # an eval forward over every lego, and a state_dict: nothing changes
+        layer(x)
+        layer(x, out_idx=LegoIndex(torch.tensor([1]), 2))
+    after = layer.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert not torch.equal(after["weight"][2:], ref.weight[2:].detach())  # deferred rows, read as they are
+    with pytest.raises(RuntimeError, match="flush"):
+        opt.state_dict()
+    opt.flush()
+    for p, p_ref in zip(layer.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, p_ref, atol=1e-6, rtol=1e-5)
+    plain = torch.optim.SGD(layer.parameters(), **hyper)
     plain.load_state_dict(opt.state_dict())
     assert all("momentum_buffer" in plain.state[p] for p in layer.parameters())
 
 
-def test_mark_rejects_a_bad_split() -> None:
-    with pytest.raises(ValueError, match="row dimension"):
-        mark_lego_param(nn.Parameter(torch.tensor(1.0)))
+def test_step_without_prepare_raises_and_state_is_per_instance() -> None:
+    layer = LegoLinear(in_features=4, out_features=4)
+    opt = _lego_sgd(layer, 2, 2, lr=0.1)
+    layer(torch.randn(3, 4), out_idx=LegoIndex(torch.tensor([0]), 2)).sum().backward()
+    with pytest.raises(RuntimeError, match="prepare"):
+        opt.step()
+    other = _lego_sgd(layer, 2, 2, lr=0.1, weight_decay=0.1)  # a second optimizer keeps its own books
+    _prepare(opt, layer, LegoIndex(torch.tensor([0]), 2), 2)
+    opt.step()
+    assert opt.pending and not other.pending  # nothing global: the first one's deferred rows are its own
+    before = layer.weight.detach().clone()
+    other.flush()
+    assert torch.equal(layer.weight, before)
 
 
-def test_lazy_off_and_unmarked_parameters_are_plain_sgd() -> None:
+def test_rows_used_maps_routes_to_rows_of_each_copy() -> None:
+    w = nn.Parameter(torch.zeros(3 * 4 * 2, 5))  # q, k, v copies of 4 legos of 2 rows
+    decl = [LegoRows(param=w, point=1, width=2, legos=4, copies=3)]
+    used = rows_used(decl, [torch.tensor([[0, 1], [1, 3]]), torch.tensor([[2, 3], [1, 2]])])[w]
+    legos = {1, 2, 3}  # the union over both routes at routing point 1
+    expected = [c * 8 + lego * 2 + j for c in range(3) for lego in legos for j in range(2)]
+    assert np.flatnonzero(used).tolist() == sorted(expected)
+    with pytest.raises(ValueError, match="legos"):
+        LegoRows(param=w, point=0, width=2, legos=4)
+    with pytest.raises(ValueError, match="legos"):
+        LegoRows(param=nn.Parameter(torch.tensor(1.0)), point=0, width=1, legos=1)
+    opt = LegoSGD([w], lr=0.1, lego_params=[w])
+    with pytest.raises(ValueError, match="row mask"):
+        opt.prepare({w: np.ones(5, dtype=bool)})
+
+
+def test_lazy_off_and_undeclared_parameters_are_plain_sgd() -> None:
     layer = LegoLinear(in_features=4, out_features=4)
     plain = nn.Linear(4, 4)
-    opt = LegoSGD(itertools.chain(layer.parameters(), plain.parameters()), lr=0.1, lazy=False)
-    assert all(lazy_cells(p) is None for p in itertools.chain(layer.parameters(), plain.parameters()))
-    opt.release()
-
-
-def _sum_of_gathers(layer: LegoLinear, x: Tensor) -> Tensor:
-    return layer(x, out_idx=LegoIndex(torch.tensor([0]), 2)).sum()
-
-
-def test_a_newer_optimizer_takes_over() -> None:
-    layer = LegoLinear(in_features=4, out_features=4)
-    first = LegoSGD(layer.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
-    x = torch.randn(3, 4)
-    first.zero_grad(set_to_none=False)
-    _sum_of_gathers(layer, x).backward()
-    first.step()
-    second = LegoSGD(layer.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
-    assert lazy_cells(layer.weight) is second._lazy[0]
-    assert not first._managed()  # the first optimizer now steps these parameters densely
+    params = list(itertools.chain(layer.parameters(), plain.parameters()))
+    assert LegoSGD(params, lr=0.1, lego_params=[layer.weight], lazy=False).lazy_params == []
+    opt = LegoSGD(params, lr=0.1, lego_params=[layer.weight])
+    assert opt.lazy_params == [layer.weight]

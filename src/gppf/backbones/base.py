@@ -12,9 +12,10 @@ from typing import Any, Callable, Generic, Iterator, Sequence, TypeVar
 import torch
 from torch import Tensor, nn
 
-from gppf.interfaces import Features
-from gppf.lego.router import TaskRouter
 from gppf import registry
+from gppf.interfaces import Features
+from gppf.lego.layers import LegoRows
+from gppf.lego.router import Route, TaskRouter
 from gppf.registry import Registry
 
 Trunk = TypeVar("Trunk")
@@ -33,8 +34,9 @@ class LegoBackbone(nn.Module, Generic[Trunk]):
     pooled_dim: int
     router: TaskRouter
 
-    def forward_features(self, x_BCHW: Tensor, task: str) -> Trunk:
-        """The routed trunk output for ``task`` (called under the task's BN statistics)."""
+    def forward_features(self, x_BCHW: Tensor, task: str, *, route: Route | None = None) -> Trunk:
+        """The trunk output of ``task`` along ``route`` (default: ``self.router(task)``), called under
+        the task's BN statistics."""
         raise NotImplementedError
 
     def pyramid(self, trunk: Trunk) -> list[Tensor]:
@@ -45,15 +47,25 @@ class LegoBackbone(nn.Module, Generic[Trunk]):
         """Pooled features ``[B, pooled_dim]``."""
         raise NotImplementedError
 
-    def forward(self, x_BCHW: Tensor, task: str) -> Features:
+    def lego_rows(self) -> list[LegoRows]:
+        """Every parameter whose rows are lego channels, with the routing point that picks them.
+
+        A training step maps its routes to the rows they use (``gppf.lego.layers.rows_used``) and tells
+        its optimizer (``LegoSGD.prepare``); parameters not listed are dense. The default lists none:
+        always correct (plain SGD for every parameter), only not lazy.
+        """
+        return []
+
+    def forward(self, x_BCHW: Tensor, task: str, *, route: Route | None = None) -> Features:
+        """Features of ``task``; ``route`` (default ``self.router(task)``) lets a step route once, up front."""
         with self.task_statistics(task):
-            trunk = self.forward_features(x_BCHW, task)
+            trunk = self.forward_features(x_BCHW, task, route=route)
         return Features(pyramid=self.pyramid(trunk), pooled=self.pool(trunk))
 
-    def forward_pooled(self, x_BCHW: Tensor, task: str) -> Tensor:
+    def forward_pooled(self, x_BCHW: Tensor, task: str, *, route: Route | None = None) -> Tensor:
         """Only the pooled features (skips dense pyramid work, e.g. the ViT's simple pyramid)."""
         with self.task_statistics(task):
-            trunk = self.forward_features(x_BCHW, task)
+            trunk = self.forward_features(x_BCHW, task, route=route)
         return self.pool(trunk)
 
     # ------------------------------------------------------------------ per-task BN statistics

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gppf.backbones.base import LegoBackbone
-from gppf.lego.layers import LegoBatchNorm2d, LegoConv2d, LegoIndex
-from gppf.lego.router import TaskRouter, gate_channels
+from gppf.lego.layers import LegoBatchNorm2d, LegoConv2d, LegoIndex, LegoRows
+from gppf.lego.router import Route, TaskRouter, gate_channels
 
 RouteList = list[tuple[Tensor, Tensor | None]]
 
@@ -42,6 +42,16 @@ class _LegoBlock(nn.Module):
         if self.legos == self.active and gate_K is None:
             return None, None  # every lego active: the dense fast path
         return LegoIndex(idx_K, self.lego_width), gate_channels(gate_K, self.lego_width)
+
+    def lego_rows(self, point: int) -> list[LegoRows]:
+        """Out-channel-routed parameters: conv ``i`` and BN ``i`` rows are legos of routing point ``point + i - 1``."""
+        out = []
+        for i in range(1, self.route_points + 1):
+            conv, bn = getattr(self, f"conv{i}"), getattr(self, f"bn{i}")
+            params = [conv.weight, conv.bias] + ([bn.weight, bn.bias] if bn.affine else [])
+            out += [LegoRows(param=p, point=point + i - 1, width=self.lego_width, legos=self.legos)
+                    for p in params if p is not None]
+        return out
 
 
 class LegoBasicBlock(_LegoBlock):
@@ -158,8 +168,8 @@ class LegoResNet(LegoBackbone[list[Tensor]]):
                 last = b.bn3 if isinstance(b, LegoBottleneck) else b.bn2
                 nn.init.zeros_(last.weight)
 
-    def forward_features(self, x_BCHW: Tensor, task: str) -> list[Tensor]:
-        route = self.router(task)
+    def forward_features(self, x_BCHW: Tensor, task: str, *, route: Route | None = None) -> list[Tensor]:
+        route = self.router(task) if route is None else route
         x = self.maxpool(F.relu(self.bn1(self.conv1(x_BCHW)), inplace=True))
         outs, point = [], 0
         for i in range(4):
@@ -175,6 +185,13 @@ class LegoResNet(LegoBackbone[list[Tensor]]):
 
     def pool(self, trunk: list[Tensor]) -> Tensor:
         return torch.flatten(F.adaptive_avg_pool2d(trunk[-1], 1), 1)
+
+    def lego_rows(self) -> list[LegoRows]:
+        out, point = [], 0
+        for blk in self.blocks:
+            out += blk.lego_rows(point)
+            point += blk.route_points
+        return out
 
 
 def gppf_r18(*, tasks: Sequence[str], legos: int = 8, active: int = 2, width_mult: float = 1.0,

@@ -15,9 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gppf.backbones.base import LegoBackbone
-from gppf.lego.layers import LegoIndex, autocast_dtype, lego_gather
-from gppf.lego.optim import mark_lego_param
-from gppf.lego.router import TaskRouter, gate_channels
+from gppf.lego.layers import LegoIndex, LegoRows, autocast_dtype, lego_gather
+from gppf.lego.router import Route, TaskRouter, gate_channels
 
 
 class LegoAttention(nn.Module):
@@ -35,8 +34,12 @@ class LegoAttention(nn.Module):
         self.out_proj = nn.Linear(self.total, dim)
         nn.init.xavier_uniform_(self.in_proj_weight)
         nn.init.zeros_(self.out_proj.bias)
-        for p in (self.in_proj_weight, self.in_proj_bias):  # rows are q/k/v channels of lego heads
-            mark_lego_param(p)
+
+    def lego_rows(self, point: int) -> list[LegoRows]:
+        """The in-projection rows: q, k and v channels of the lego heads (3 stacked copies)."""
+        legos = self.total // self.lego_width
+        return [LegoRows(param=p, point=point, width=self.lego_width, legos=legos, copies=3)
+                for p in (self.in_proj_weight, self.in_proj_bias)]
 
     def forward(self, x_BSD: Tensor, idx_K: Tensor, gate_K: Tensor | None) -> Tensor:
         legos = self.total // self.lego_width
@@ -68,8 +71,11 @@ class LegoMLP(nn.Module):
         for fc in (self.fc1, self.fc2):
             nn.init.xavier_uniform_(fc.weight)
             nn.init.normal_(fc.bias, std=1e-6)
-        mark_lego_param(self.fc1.weight)  # rows are hidden (lego) units
-        mark_lego_param(self.fc1.bias)
+
+    def lego_rows(self, point: int) -> list[LegoRows]:
+        """The rows of ``fc1`` are the hidden (lego) units."""
+        legos = self.fc1.out_features // self.lego_width
+        return [LegoRows(param=p, point=point, width=self.lego_width, legos=legos) for p in (self.fc1.weight, self.fc1.bias)]
 
     def forward(self, x_BSD: Tensor, idx_K: Tensor, gate_K: Tensor | None) -> Tensor:
         ch = LegoIndex(idx_K, self.lego_width)
@@ -142,9 +148,13 @@ class LegoViT(LegoBackbone[TokenGrid]):
         grid_pos = F.interpolate(grid_pos, size=(gh, gw), mode="bicubic", align_corners=False)
         return torch.cat([cls_pos, grid_pos.flatten(2).transpose(1, 2)], dim=1)
 
-    def forward_features(self, x_BCHW: Tensor, task: str) -> TokenGrid:
+    def lego_rows(self) -> list[LegoRows]:
+        return [d for i, blk in enumerate(self.layers)
+                for d in blk.self_attention.lego_rows(2 * i) + blk.mlp.lego_rows(2 * i + 1)]
+
+    def forward_features(self, x_BCHW: Tensor, task: str, *, route: Route | None = None) -> TokenGrid:
         """Token sequence after the final norm, with the patch grid size."""
-        route = self.router(task)
+        route = self.router(task) if route is None else route
         x = self.conv_proj(x_BCHW)
         gh, gw = x.shape[-2:]
         x = x.flatten(2).transpose(1, 2)

@@ -19,9 +19,9 @@ cross-entropy of a ``Linear(pooled, 1000)`` head on random labels, backward and
 i.e. the dense model's convolution weights (full-size lego weights are kept contiguous); or
 ``--sgd foreach``): ``torch.optim.SGD`` for the dense model and gppf's ``LegoSGD`` (what gppf trains
 with) for the routed ones. ``LegoSGD`` gives the same parameters as ``torch.optim.SGD`` but updates and
-zeroes only the legos a step used, catching the others up in closed form when they are next read, so
-its cost does not grow with N. ``--no-lazy``: ``torch.optim.SGD`` for the routed models too (every
-lego read and written every step).
+zeroes only the legos a step used (the step tells it which, from its route), catching the others up in
+closed form before a step next reads them, so its cost does not grow with N. ``--no-lazy``:
+``torch.optim.SGD`` for the routed models too (every lego read and written every step).
 Defaults: batch 16 at 224 px, N=16 vs N=4 at k=4, 7 timed rounds after 2 warm-up rounds, 1 thread (on
 a shared 2-core machine, OpenMP barriers of multi-threaded ops make timings erratic; pass
 ``--threads``).
@@ -35,7 +35,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +43,9 @@ import torchvision
 from torch import Tensor, nn
 
 import gppf
+from gppf.lego.layers import rows_used
 from gppf.lego.optim import LegoSGD
+from gppf.lego.router import Route
 from gppf.bench.common import (
     emit,
     env_info,
@@ -79,8 +81,14 @@ class RoutedClassifier(nn.Module):
         self.backbone = gppf.create_backbone("gppf_r50", legos=legos, active=active, tasks=[TASK])
         self.fc = nn.Linear(self.backbone.pooled_dim, NUM_CLASSES)
 
-    def forward(self, x_BCHW: Tensor) -> Tensor:
-        return self.fc(self.backbone.forward_pooled(x_BCHW, TASK))
+    def forward(self, x_BCHW: Tensor, *, route: Route | None = None) -> Tensor:
+        return self.fc(self.backbone.forward_pooled(x_BCHW, TASK, route=route))
+
+    def route_and_prepare(self, opt: LegoSGD) -> Route:
+        """The task's route, after telling ``opt`` which lego rows it uses (as gppf's SIMT step does)."""
+        route = self.backbone.router(TASK)
+        opt.prepare(rows_used(self.backbone.lego_rows(), [route.idx_LK]))
+        return route
 
 
 @dataclass
@@ -99,7 +107,12 @@ class Trainee:
         self.opt.zero_grad(set_to_none=set_to_none)
         t1 = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = F.cross_entropy(self.model(self.x_BCHW).float(), self.y_B)
+            if isinstance(self.opt, LegoSGD):  # routed with LegoSGD: route first, prepare the used rows
+                route = self.model.route_and_prepare(self.opt)
+                logits = self.model(self.x_BCHW, route=route)
+            else:
+                logits = self.model(self.x_BCHW)
+            loss = F.cross_entropy(logits.float(), self.y_B)
         t2 = time.perf_counter()
         loss.backward()
         t3 = time.perf_counter()
@@ -113,14 +126,15 @@ class Trainee:
         return {name: statistics.median(self.phases_s[name][-last:]) for name in PHASES}
 
 
-def make_sgd(params: Any, *, impl: SgdImpl, lazy: bool) -> torch.optim.Optimizer:
+def make_sgd(params: Any, *, impl: SgdImpl, lazy: bool,
+             lego_params: Sequence[Tensor] = ()) -> torch.optim.Optimizer:
     """SGD with momentum and weight decay, ``fused`` or ``foreach`` kernels: ``torch.optim.SGD`` for the
-    dense model, gppf's ``LegoSGD`` (the same update, deferred for unused legos) if ``lazy``."""
+    dense model, gppf's ``LegoSGD`` (the same update, deferred for unused rows of ``lego_params``) if ``lazy``."""
     if impl not in ("fused", "foreach"):
         raise ValueError(f"unknown SGD implementation {impl!r}")
     kernels = dict(fused=impl == "fused", foreach=impl == "foreach")
     if lazy:
-        return LegoSGD(params, **SGD_KW, **kernels)
+        return LegoSGD(params, **SGD_KW, **kernels, lego_params=lego_params)
     return torch.optim.SGD(params, **SGD_KW, **kernels)
 
 
@@ -132,7 +146,8 @@ def make_trainee(
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, 3, image_size, image_size, generator=gen).to(memory_format=torch.channels_last)
     y = torch.randint(0, NUM_CLASSES, (batch,), generator=gen)
-    opt = make_sgd(model.parameters(), impl=sgd, lazy=lazy)
+    lego_params = [d.param for d in model.backbone.lego_rows()] if lazy else []
+    opt = make_sgd(model.parameters(), impl=sgd, lazy=lazy, lego_params=lego_params)
     return Trainee(model=model, opt=opt, x_BCHW=x, y_B=y)
 
 

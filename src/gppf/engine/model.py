@@ -5,6 +5,7 @@ from torch import Tensor, nn
 
 from gppf.backbones.base import LegoBackbone
 from gppf.interfaces import Features, Outputs
+from gppf.lego.router import Route
 
 
 class MultiTaskModel(nn.Module):
@@ -16,11 +17,12 @@ class MultiTaskModel(nn.Module):
         self.backbone = backbone
         self.heads = nn.ModuleDict(heads)
 
-    def features(self, images_BCHW: Tensor, task: str) -> Features:
-        return self.backbone(images_BCHW, task)
+    def features(self, images_BCHW: Tensor, task: str, *, route: Route | None = None) -> Features:
+        return self.backbone(images_BCHW, task, route=route)
 
-    def forward(self, images_BCHW: Tensor, task: str) -> Outputs:
-        return self.heads[task](self.backbone(images_BCHW, task))
+    def forward(self, images_BCHW: Tensor, task: str, *, route: Route | None = None) -> Outputs:
+        """``route``: the task's route if the caller drew it already (default: the backbone's router)."""
+        return self.heads[task](self.backbone(images_BCHW, task, route=route))
 
     def param_groups(self, *, lr: float, weight_decay: float, router_lr_mult: float) -> list[dict]:
         """Optimizer groups: weights with decay, norms/biases without, router logits with their own lr."""

@@ -3,10 +3,13 @@
 Read top to bottom (``SIMTStep.__call__``):
 
 1. for each task this rank trains and that is sampled this step (every task, or a weighted subset
-   drawn from a step-seeded generator so that every rank agrees): draw its next batch (own resolution, collate and sampler), run it
-   through its route and head under autocast, weight its loss, scale it by the task's share of the
-   global batch and backpropagate at once, which frees the task's graph before the next task (peak
-   memory stays near that of the largest single task);
+   drawn from a step-seeded generator so that every rank agrees): draw its route first, and tell a
+   ``LegoSGD`` which lego rows these routes use (``prepare``: the only link between the step and
+   the optimizer; it brings those rows up to date before any forward reads them). Then per task: draw
+   its next batch (own resolution, collate and sampler), run it through its route and head under
+   autocast, weight its loss, scale it by the task's share of the global batch and backpropagate at
+   once, which frees the task's graph before the next task (peak memory stays near that of the
+   largest single task);
 2. add the routers' auxiliary losses (once per step, split over ranks);
 3. agree over all ranks whether any loss or gradient was non-finite; if so, skip the step everywhere;
 4. all-reduce every gradient in fixed buckets (zeros for unused legos and heads: no rank can hang);
@@ -26,6 +29,9 @@ from gppf.engine.distributed import DistInfo, GradSync, all_reduce_scalars, broa
 from gppf.engine.model import MultiTaskModel
 from gppf.engine.weighting import LossWeighting
 from gppf.interfaces import Batch, Outputs
+from gppf.lego.layers import rows_used
+from gppf.lego.optim import LegoSGD
+from gppf.lego.router import Route
 
 
 @dataclass
@@ -77,19 +83,27 @@ class SIMTStep:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
+    def _routes(self, tasks: list[str]) -> dict[str, Route]:
+        """Route every task of this step, and prepare a ``LegoSGD`` for the lego rows the routes use."""
+        with self._autocast():
+            routes = {t: self.model.backbone.router(t) for t in tasks}
+        if isinstance(self.optimizer, LegoSGD) and self.optimizer.lazy_params:
+            declared = self.model.backbone.lego_rows()
+            self.optimizer.prepare(rows_used(declared, [r.idx_LK for r in routes.values()]))
+        return routes
+
     def __call__(self, step: int) -> StepResult:
         task_sum: dict[str, float] = {t: 0.0 for t in self.global_batch}
         count: dict[str, float] = {t: 0.0 for t in self.global_batch}
         bad_tasks: list[str] = []
 
-        # 1. every sampled task of this rank: batch -> route -> head -> weighted loss -> backward
+        # 1. route every sampled task of this rank (-> optimizer), then batch -> head -> weighted loss -> backward
         sampled = self.tasks_this_step(step)
-        for task, stream in self.streams.items():
-            if task not in sampled:
-                continue
-            batch = next(stream).to(self.device, channels_last=self.channels_last)
+        routes = self._routes([t for t in self.streams if t in sampled])
+        for task, route in routes.items():
+            batch = next(self.streams[task]).to(self.device, channels_last=self.channels_last)
             with self._autocast():
-                outputs = self.model(batch.images, task)
+                outputs = self.model(batch.images, task, route=route)
                 loss = self.losses[task](outputs, batch).float()
             if not torch.isfinite(loss):
                 bad_tasks.append(task)

@@ -116,7 +116,8 @@ def _optimizer(cfg: RunConfig, model: MultiTaskModel, weighting: torch.nn.Module
         groups.append({"params": extra, "weight_decay": 0.0, "lr": t.lr, "name": "loss_weighting"})
     if t.optimizer == "sgd":  # torch.optim.SGD's update; unused legos deferred and caught up exactly
         lazy = {"auto": None, "on": True, "off": False}[t.lazy_legos]
-        return LegoSGD(groups, lr=t.lr, momentum=t.momentum, nesterov=True, lazy=lazy).attach(model)
+        lego_params = [d.param for d in model.backbone.lego_rows()]  # the SIMT step prepares their rows
+        return LegoSGD(groups, lr=t.lr, momentum=t.momentum, nesterov=True, lego_params=lego_params, lazy=lazy)
     return torch.optim.AdamW(groups, lr=t.lr)
 
 
@@ -219,7 +220,12 @@ def build_run(cfg: RunConfig, *, run_dir: Path, resume: bool) -> Run:
 
 @torch.no_grad()
 def evaluate(run: Run) -> dict[str, float]:
-    """Every task's metrics on its held-out validation split (main rank), plus chance levels."""
+    """Every task's metrics on its held-out validation split (main rank), plus chance levels.
+
+    Reads the weights as they are (it never changes them): ``_settle`` them on every rank first.
+    """
+    if isinstance(run.optimizer, LegoSGD) and run.optimizer.pending:
+        raise TrainError("evaluate(): deferred lego updates are pending; settle the run on every rank first")
     model, out = run.model, {}
     model.eval()
     amp = torch.bfloat16 if run.cfg.train.amp == "bf16" else None
@@ -250,8 +256,9 @@ def _float(outputs: Any) -> Any:
 
 
 def _settle(run: Run) -> None:
-    """On every rank: apply deferred lego updates (``LegoSGD``) before weights are read, so replicas stay
-    bit-identical whichever rank reads them, and merge BN statistics over ranks."""
+    """On every rank: apply deferred lego updates (``LegoSGD.flush``, the only place they are applied
+    outside a step) before weights are read for evaluation or a checkpoint, so every rank does the same
+    arithmetic and replicas stay bit-identical, and merge BN statistics over ranks."""
     if isinstance(run.optimizer, LegoSGD):
         run.optimizer.flush()
     run.buffer_sync()

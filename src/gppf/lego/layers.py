@@ -20,19 +20,24 @@ under autocast the accumulated gradient keeps the parameter's dtype. Consequence
 * ``LegoConv2d`` keeps its full-size weight contiguous (``_apply``), also through
   ``model.to(memory_format=torch.channels_last)``: the gather is a flat block copy, and optimizers
   (fused SGD on CPU re-lays out channels_last tensors) run on plain contiguous memory.
+
+Which parameters are lego parameters is declared, not registered: a model lists its row-routed
+parameters as :class:`LegoRows` (parameter, routing point, lego width, number of legos, copies), and
+:func:`rows_used` turns the routes a step runs into the rows of each such parameter those routes
+read and write. That is the whole link between a training step and a lazy optimizer
+(``gppf.lego.optim.LegoSGD``): this module imports no optimizer, a gather never changes a weight,
+and nothing here keeps state between calls.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any, Callable, Union
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from gppf.lego.optim import lazy_cells, mark_lego_param
 
 
 @dataclass(frozen=True)
@@ -41,22 +46,58 @@ class LegoIndex:
 
     idx_K: Tensor
     width: int
-    _host: Any = field(default=None, init=False, repr=False, compare=False)  # cached numpy channels
 
     def channels(self) -> Tensor:
         """The ``[k * width]`` channel indices (as ``gppf.lego.lego_channels``)."""
         offs = torch.arange(self.width, device=self.idx_K.device)
         return (self.idx_K[:, None] * self.width + offs[None, :]).reshape(-1)
 
-    def host_channels(self) -> np.ndarray:
-        """``channels()`` as a (cached) ``numpy`` array, for host-side bookkeeping."""
-        if self._host is None:
-            idx = self.idx_K.cpu().numpy()
-            object.__setattr__(self, "_host", (idx[:, None] * self.width + np.arange(self.width)).reshape(-1))
-        return self._host
-
 
 Index = Union[Tensor, LegoIndex]
+
+
+@dataclass(frozen=True, eq=False)
+class LegoRows:
+    """Declares that the rows (dim 0) of ``param`` are lego channels chosen at routing point ``point``.
+
+    The rows are ``copies`` stacked blocks (e.g. q, k, v: 3) of ``legos`` legos of ``width`` rows
+    each; a route choosing legos ``idx_K`` at ``point`` reads and writes rows
+    ``(idx_K + c * legos) * width + [0, width)`` of every block ``c``, and no others. Models list these
+    (``LegoBackbone.lego_rows()``); parameters that are not listed are dense (every row used).
+    """
+
+    param: nn.Parameter
+    point: int
+    width: int
+    legos: int
+    copies: int = 1
+
+    def __post_init__(self) -> None:
+        if self.param.dim() < 1 or self.param.shape[0] != self.copies * self.legos * self.width:
+            raise ValueError(f"a lego parameter of shape {tuple(self.param.shape)} does not have "
+                             f"{self.copies} x {self.legos} legos x {self.width} rows")
+
+    def rows(self, idx_K: np.ndarray) -> np.ndarray:
+        """Row indices read by a route that picks legos ``idx_K`` (host ``int`` array) at ``point``."""
+        ids = (idx_K[None, :] + self.legos * np.arange(self.copies)[:, None]).reshape(-1)
+        return (ids[:, None] * self.width + np.arange(self.width)[None, :]).reshape(-1)
+
+
+def rows_used(declared: Iterable[LegoRows], routes_idx_LK: Iterable[Tensor]) -> dict[Tensor, np.ndarray]:
+    """Per declared parameter, the ``bool`` mask of the rows that any of these routes (``idx_LK``) uses.
+
+    One host copy per route (a device sync per route on a GPU); a parameter declared twice gets the
+    union of its masks.
+    """
+    host = [idx.detach().cpu().numpy() for idx in routes_idx_LK]
+    used: dict[Tensor, np.ndarray] = {}
+    for d in declared:
+        mask_R = used.get(d.param)
+        if mask_R is None:
+            mask_R = used[d.param] = np.zeros(d.param.shape[0], dtype=bool)
+        for idx_LK in host:
+            mask_R[d.rows(idx_LK[d.point])] = True
+    return used
 
 
 def _blocks(index: Index) -> tuple[Tensor, int]:
@@ -179,16 +220,22 @@ def _block_plan(shape: torch.Size, rows: Index | None, cols: Index | None, devic
 
 
 class _GatherIntoGrad(torch.autograd.Function):
-    """Forward: the selected rows/columns. Backward: accumulate into ``param.grad``, return None."""
+    """Forward: the selected rows/columns. Backward: accumulate into ``param.grad``, return None.
+
+    ``autograd.grad`` must not write into ``.grad``, so the backward first asks the engine whether the
+    parameter's ``AccumulateGrad`` node runs in this backward pass: ``torch._C._will_engine_execute_node``
+    is private, there is no public equivalent; ``tests/lego/test_layers.py`` pins it (a torch upgrade
+    that removes or changes it fails there, not silently here).
+    """
 
     @staticmethod
-    def forward(ctx: Any, param: Tensor, plan: _Plan | _BlockPlan, region: Any,  # type: ignore[override]
+    def forward(ctx: Any, param: Tensor, plan: _Plan | _BlockPlan,  # type: ignore[override]
                 dtype: torch.dtype | None, channels_last: bool) -> Tensor:
-        ctx.param, ctx.plan, ctx.region = param, plan, region
+        ctx.param, ctx.plan = param, plan
         return _apply_plan(plan, param, dtype, channels_last)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[None, None, None, None, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, None, None, None]:  # type: ignore[override]
         if torch.is_grad_enabled():
             raise RuntimeError("lego parameters accumulate into .grad: double backward is not supported")
         if not torch._C._will_engine_execute_node(ctx.next_functions[0][0]):  # the param's AccumulateGrad
@@ -197,10 +244,7 @@ class _GatherIntoGrad(torch.autograd.Function):
         if param.grad is None:
             param.grad = torch.zeros_like(param)
         ctx.plan.accumulate(param.grad, grad)
-        lazy = lazy_cells(param)
-        if lazy is not None and ctx.region is not None:
-            lazy.track(ctx.region)
-        return None, None, None, None, None
+        return None, None, None, None
 
 
 def _apply_plan(plan: _Plan | _BlockPlan, full: Tensor, dtype: torch.dtype | None, channels_last: bool) -> Tensor:
@@ -231,13 +275,9 @@ def lego_gather(
     if rows is None and cols is None:
         return param
     plan = _block_plan(param.shape, rows, cols, param.device) or _plan(param.shape, rows, cols)
-    lazy = lazy_cells(param)  # a LegoSGD defers this parameter's updates: catch up what we read
-    region = None if lazy is None else lazy.region(rows)
-    if lazy is not None:
-        lazy.before_gather(region)
     if not (param.is_leaf and param.requires_grad and torch.is_grad_enabled()):
         return _apply_plan(plan, param, dtype, channels_last)
-    return _GatherIntoGrad.apply(param, plan, region, dtype, channels_last)
+    return _GatherIntoGrad.apply(param, plan, dtype, channels_last)
 
 
 def _channels(index: Index) -> Tensor:
@@ -267,9 +307,6 @@ class LegoConv2d(nn.Module):
         self.stride, self.padding = stride, padding
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
-        for p in (self.weight, self.bias):
-            if p is not None:
-                mark_lego_param(p)  # rows are output channels; LegoSGD skips the unused ones
         # Kaiming fan-out of the *active* sub-network, so a routed net starts like its dense twin.
         fan_out = (active_out_channels or out_channels) * kernel_size * kernel_size
         nn.init.normal_(self.weight, 0.0, math.sqrt(2.0 / fan_out))
@@ -294,9 +331,6 @@ class LegoLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
-        for p in (self.weight, self.bias):
-            if p is not None:
-                mark_lego_param(p)  # rows are output channels; LegoSGD skips the unused ones
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         if self.bias is not None:
             bound = 1 / math.sqrt(in_features)
@@ -326,12 +360,6 @@ class LegoBatchNorm2d(nn.BatchNorm2d):
     straight-through router gate is folded into the gathered affine parameters (value 1), so it costs
     no activation memory or elementwise pass.
     """
-
-    def __init__(self, num_features: int, **kwargs: Any) -> None:
-        super().__init__(num_features, **kwargs)
-        if self.affine:
-            mark_lego_param(self.weight)
-            mark_lego_param(self.bias)
 
     def forward(self, x_BCHW: Tensor, *, idx: Index | None = None, gate: Tensor | None = None) -> Tensor:  # type: ignore[override]
         if idx is None and gate is None:

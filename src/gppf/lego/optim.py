@@ -3,22 +3,37 @@
 A lego layer stores all ``N`` legos, but a step's tasks use ``k`` of them per layer; the others get
 no loss gradient. Plain SGD still reads and writes every lego (weight decay, momentum) and
 ``zero_grad`` clears every gradient, which costs more than the routed forward saves once ``N`` is
-large. ``LegoSGD`` defers that work:
+large. ``LegoSGD`` defers that work.
 
-* A lego parameter (declared with :func:`mark_lego_param`) has lego channels as rows (dim 0).
-  ``lego_gather`` records which rows a backward wrote into ``.grad`` (``dirty``). ``step()`` runs the
-  same fused / foreach kernel as ``torch.optim.SGD`` on contiguous views of the dirty row runs only,
-  and ``zero_grad()`` clears only them: no gather, no copy. A gather that selects only columns (an
-  input lego) dirties all rows; a parameter that also got an ordinary autograd gradient is updated
-  whole.
+The contract (all state lives in the optimizer instance; nothing is registered globally and no hook
+runs when a model is read):
+
+* ``LegoSGD(params, lego_params=...)``: the parameters whose rows (dim 0) are lego channels, as a
+  model declares them (``gppf.lego.layers.LegoRows``). Every other parameter is plain SGD.
+* Each step, **before its forward**, the training step calls :meth:`LegoSGD.prepare` with the rows
+  of each lego parameter that the step's routes use (``gppf.lego.layers.rows_used``; ``None``: the
+  whole parameter). ``prepare`` brings exactly those rows up to date, so the forward reads current
+  weights and never has to change one. ``step()`` without a ``prepare`` since the last ``step()``
+  raises (it would silently drop gradients). Why before the forward: a row left behind is next read
+  by a later step's forward, and only that step knows its routes (Gumbel routes are random), so it
+  draws them once, up front, and passes them both here and to the forward. Catching up inside the
+  forward would make reading a model change it; catching up every row each step costs what plain
+  SGD costs.
+* ``step()`` runs the same fused / foreach kernel as ``torch.optim.SGD`` on contiguous views of the
+  used row runs (and on dense parameters whole); ``zero_grad()`` clears only rows used since the last
+  ``zero_grad``. The rows a step did not use must have no gradient there (the gather of
+  ``gppf.lego.layers`` writes only the rows it read); updating *more* rows than were used is exact.
 * A skipped row has a zero loss gradient, so each skipped step maps its ``(w, v)`` linearly:
   ``v' = mu v + wd w``, ``w' = w - lr (wd w + mu v')`` (Nesterov) or ``w - lr v'``. ``LegoSGD`` keeps the
   product of these 2x2 maps since each earlier step (per parameter group, float64) and applies it
-  when the row is next read: ``lego_gather`` catches up the rows it is about to gather, and
-  :meth:`LegoSGD.flush` (called by ``state_dict()`` and by a ``state_dict`` pre-hook on modules passed
-  to :meth:`LegoSGD.attach`) catches up everything. Values equal plain SGD up to float rounding.
-* Under ``torch.distributed`` the dirty masks are OR-ed over ranks (one small all-reduce per step),
-  so every rank updates the same rows, also those only another rank's tasks used.
+  when a row is next prepared or updated. :meth:`LegoSGD.flush` catches up everything: the trainer
+  calls it on every rank before evaluation and checkpoints, so replicas stay bit-identical.
+  Reading the model (``state_dict``, an eval forward) changes nothing; before ``flush`` it reads the
+  deferred rows as they are (``pending`` says whether any are), and ``LegoSGD.state_dict()`` refuses.
+* A parameter whose ``.grad`` is ``None`` at a step is skipped by that step entirely, as by
+  ``torch.optim.SGD`` (no deferred weight decay or momentum is charged for it).
+* Under ``torch.distributed`` the prepared rows are OR-ed over ranks in ``step()`` (one small
+  all-reduce), so every rank updates the same rows, also those only another rank's tasks used.
 
 Supported: ``momentum``, ``weight_decay``, ``nesterov``, learning-rate schedules; ``dampening`` and
 ``maximize`` are not (use ``torch.optim.SGD``). The optimizer state is that of ``torch.optim.SGD``
@@ -26,32 +41,17 @@ Supported: ``momentum``, ``weight_decay``, ``nesterov``, learning-rate schedules
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
 from torch.optim.sgd import sgd as _functional_sgd
-from torch.utils.weak import WeakIdKeyDictionary
 
 Mat = tuple[float, float, float, float]  # row-major 2x2 map of (w, v)
 
-_MARKED: WeakIdKeyDictionary = WeakIdKeyDictionary()  # lego parameters (rows are lego channels)
-_LAZY: WeakIdKeyDictionary = WeakIdKeyDictionary()  # param -> its _LazyCells while a LegoSGD owns it
 _GC_EVERY = 64  # steps between prunes of unused skipped-step maps
-
-
-def mark_lego_param(param: Tensor) -> None:
-    """Declare ``param`` a lego parameter: its rows (dim 0) are lego channels that a step may leave unused."""
-    if param.dim() < 1:
-        raise ValueError("a lego parameter needs a row dimension (dim 0)")
-    _MARKED[param] = True
-
-
-def lazy_cells(param: Tensor) -> _LazyCells | None:
-    """The deferred-update bookkeeping of ``param`` (``None`` if no ``LegoSGD`` manages it)."""
-    return _LAZY.get(param)
 
 
 def _compose(a: Mat, b: Mat) -> Mat:
@@ -92,30 +92,19 @@ def _views(t: Tensor, runs: list[tuple[int, int]]) -> list[Tensor]:
 
 
 class _LazyCells:
-    """Dirty / last-updated bookkeeping of the rows of one lego parameter (see the module docstring).
+    """Row bookkeeping of one lego parameter (see the module docstring), owned by one ``LegoSGD``.
 
-    The bookkeeping lives on the CPU (``numpy``, 9 bytes per row); updates run on contiguous row views
-    of the parameter, gradient and momentum buffer, so nothing is gathered or copied.
+    The bookkeeping lives on the CPU (``numpy``, 10 bytes per row); updates run on contiguous row
+    views of the parameter, gradient and momentum buffer, so nothing is gathered or copied.
     """
 
     def __init__(self, param: Tensor, *, clock: _Clock, state: dict) -> None:
         self.param, self.clock, self.state = param, clock, state
         self.rows = param.shape[0]
         self.synced_R = np.full(self.rows, clock.t, dtype=np.int64)  # the step each row is at
-        self.dirty_R = np.zeros(self.rows, dtype=bool)  # rows with gradient since zero_grad
-        self.dense_dirty = False
+        self.used_R = np.zeros(self.rows, dtype=bool)  # rows prepared for the coming step()
+        self.dirty_R = np.zeros(self.rows, dtype=bool)  # rows whose .grad may be non-zero (since zero_grad)
         self.stale = False  # some row missed a step and is not caught up yet
-        self.hook = param.register_hook(self._on_grad) if param.requires_grad else None
-
-    def _on_grad(self, grad: Tensor | None) -> None:
-        """An ordinary autograd gradient (not a lego gather's, which arrives as ``None``): a dense use."""
-        if grad is not None:
-            self.dense_dirty = True
-
-    @staticmethod
-    def region(rows: Any) -> Any:
-        """``numpy`` index of the rows a gather of ``rows`` (``None``: all) reads and writes."""
-        return slice(None) if rows is None else _numpy_channels(rows)
 
     def catch_up(self, mask_R: np.ndarray) -> None:
         """Apply the skipped steps to the rows of ``mask_R`` that are behind."""
@@ -139,49 +128,49 @@ class _LazyCells:
                 torch._foreach_add_(vs, old)
             self.synced_R[sel_R] = self.clock.t
 
-    def before_gather(self, region: Any) -> None:
-        """Bring the rows a forward is about to read up to date."""
-        if self.stale and (self.synced_R[region] < self.clock.t).any():
-            mask_R = np.zeros_like(self.dirty_R)
-            mask_R[region] = True
-            with torch.no_grad():
-                self.catch_up(mask_R)
-
-    def track(self, region: Any) -> None:
-        """Record that a backward accumulated into these rows of ``.grad``."""
-        self.dirty_R[region] = True
+    def prepare(self, mask_R: np.ndarray | None) -> None:
+        """The coming step uses these rows (``None``: all): bring them up to date and remember them."""
+        if mask_R is None:
+            mask_R = np.ones(self.rows, dtype=bool)
+        elif mask_R.shape != (self.rows,) or mask_R.dtype != np.bool_:
+            raise ValueError(f"expected a bool row mask of shape ({self.rows},), got {mask_R.dtype} {mask_R.shape}")
+        self.used_R |= mask_R
+        self.dirty_R |= mask_R
+        if self.stale:
+            self.catch_up(mask_R)
 
     def flush(self) -> None:
         if self.stale:
-            with torch.no_grad():
-                self.catch_up(np.ones_like(self.dirty_R))
+            self.catch_up(np.ones(self.rows, dtype=bool))
             self.stale = False
+
+    def skip(self) -> None:
+        """No gradient this step: ``torch.optim.SGD`` leaves the parameter alone, so no row is charged it."""
+        self.flush()
+        self.synced_R[:] = self.clock.t + 1
 
     def zero_grad(self, *, set_to_none: bool) -> None:
         grad = self.param.grad
         if grad is not None:
             if set_to_none:
                 self.param.grad = None
-            elif self.dense_dirty or not grad.is_contiguous() or self.dirty_R.all():
+            elif not grad.is_contiguous() or self.dirty_R.all():
                 grad.zero_()
             elif self.dirty_R.any():
                 torch._foreach_zero_(_views(grad, row_runs(self.dirty_R)))
         self.dirty_R[:] = False
-        self.dense_dirty = False
 
 
-def _numpy_channels(index: Any) -> np.ndarray:
-    return index.cpu().numpy() if isinstance(index, Tensor) else index.host_channels()
+RowMasks = Mapping[Tensor, "np.ndarray | None"]  # lego parameter -> bool mask of the rows used (None: all)
 
 
 class LegoSGD(torch.optim.Optimizer):
-    """``torch.optim.SGD`` (momentum, Nesterov, weight decay) that updates only the lego cells a step used.
+    """``torch.optim.SGD`` (momentum, Nesterov, weight decay) that updates only the lego rows a step used.
 
-    Parameters marked with :func:`mark_lego_param` are updated lazily (see the module docstring); all
-    others exactly as ``torch.optim.SGD``. ``lazy``: defer (``True``), never (``False``: then it *is*
-    SGD), or ``None`` (default) for parameters on the CPU only (the bookkeeping reads the routes on the
-    host, a device sync per gather on a GPU). ``fused`` / ``foreach`` pick the kernel as in
-    ``torch.optim.SGD``.
+    ``lego_params`` are updated lazily (see the module docstring; call :meth:`prepare` before each
+    step's forward); all others exactly as ``torch.optim.SGD``. ``lazy``: defer (``True``), never
+    (``False``: then it *is* SGD and ``prepare`` is a no-op), or ``None`` (default) for parameters on the
+    CPU only. ``fused`` / ``foreach`` pick the kernel as in ``torch.optim.SGD``.
     """
 
     def __init__(
@@ -192,6 +181,7 @@ class LegoSGD(torch.optim.Optimizer):
         momentum: float = 0.0,
         weight_decay: float = 0.0,
         nesterov: bool = False,
+        lego_params: Iterable[Tensor] = (),
         lazy: bool | None = None,
         fused: bool | None = None,
         foreach: bool | None = None,
@@ -203,64 +193,63 @@ class LegoSGD(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov))
         self.fused, self.foreach = fused, foreach
         self._clocks: list[_Clock] = [_Clock() for _ in self.param_groups]
-        self._lazy: list[_LazyCells] = []
+        declared = {id(p) for p in lego_params}
+        self._cells: dict[int, _LazyCells] = {}  # id(param) -> its rows' bookkeeping
         for group, clock in zip(self.param_groups, self._clocks):
             for p in group["params"]:
                 wanted = lazy if lazy is not None else p.device.type == "cpu"
-                if wanted and p in _MARKED and p.is_contiguous():
-                    previous = _LAZY.get(p)
-                    if previous is not None:  # a newer optimizer takes the parameter over
-                        previous.flush()
-                    cells = _LazyCells(p, clock=clock, state=self.state[p])
-                    _LAZY[p] = cells
-                    self._lazy.append(cells)
+                if wanted and id(p) in declared and p.dim() >= 1 and p.is_contiguous():
+                    self._cells[id(p)] = _LazyCells(p, clock=clock, state=self.state[p])
+        self._prepared = False
 
-    def _managed(self) -> dict[int, _LazyCells]:
-        """The lego parameters this optimizer still manages (by ``id``)."""
-        return {id(c.param): c for c in self._lazy if _LAZY.get(c.param) is c}
+    @property
+    def lazy_params(self) -> list[Tensor]:
+        """The parameters whose unused rows this optimizer defers (empty: it is plain SGD)."""
+        return [c.param for c in self._cells.values()]
 
-    def attach(self, *modules: nn.Module) -> LegoSGD:
-        """Flush deferred updates whenever one of ``modules`` is asked for its ``state_dict``."""
-        for m in modules:
-            m.register_state_dict_pre_hook(lambda *_args, **_kw: self.flush())
-        return self
+    @property
+    def pending(self) -> bool:
+        """Whether some rows miss deferred updates (then :meth:`flush` before reading the weights)."""
+        return any(c.stale for c in self._cells.values())
 
-    def release(self) -> None:
-        """Flush and stop managing the parameters (another optimizer may then take them)."""
-        self.flush()
-        for cells in self._lazy:
-            if cells.hook is not None:
-                cells.hook.remove()
-            if _LAZY.get(cells.param) is cells:
-                del _LAZY[cells.param]
-        self._lazy = []
+    @torch.no_grad()
+    def prepare(self, used: RowMasks) -> None:
+        """Declare the lego rows the coming step uses (``gppf.lego.layers.rows_used`` of its routes) and
+        bring them up to date; call before the step's forward. Parameters not in ``used`` are unused.
+        Several calls before one ``step()`` add up."""
+        for p, mask_R in used.items():
+            cells = self._cells.get(id(p))
+            if cells is not None:
+                cells.prepare(mask_R)
+        self._prepared = True
 
     @torch.no_grad()
     def flush(self) -> None:
-        """Bring every deferred lego cell up to date (parameters and momentum equal plain SGD's)."""
-        for cells in self._lazy:
+        """Bring every deferred lego row up to date (parameters and momentum equal plain SGD's)."""
+        for cells in self._cells.values():
             cells.flush()
         for clock in self._clocks:
             clock.since.clear()
 
     def state_dict(self) -> dict[str, Any]:
-        self.flush()
+        if self.pending:
+            raise RuntimeError("LegoSGD has deferred lego updates: call flush() (on every rank) before "
+                               "reading its state or the model's weights")
         return super().state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.flush()
         super().load_state_dict(state_dict)
-        for cells in self._lazy:  # the state dict is a fresh dict per parameter: re-link it
+        for cells in self._cells.values():  # the state dict is a fresh dict per parameter: re-link it
             cells.state = self.state[cells.param]
             buf = cells.state.get("momentum_buffer")
             if buf is not None and not buf.is_contiguous():
                 cells.state["momentum_buffer"] = buf.contiguous()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        managed = self._managed()
         for group in self.param_groups:
             for p in group["params"]:
-                cells = managed.get(id(p))
+                cells = self._cells.get(id(p))
                 if cells is not None:
                     cells.zero_grad(set_to_none=set_to_none)
                 elif p.grad is not None:
@@ -271,44 +260,52 @@ class LegoSGD(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:  # type: ignore[override]
-        """One SGD step: dense parameters whole, lego parameters only at their dirty cells."""
+        """One SGD step: dense parameters whole, lego parameters at the rows prepared for it."""
+        if self._cells and not self._prepared:
+            raise RuntimeError("LegoSGD.step(): call prepare(rows used) before the step's forward")
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._share_dirty()
-        managed = self._managed()
+        self._share_used()
+        while len(self._clocks) < len(self.param_groups):  # groups added after construction: dense
+            self._clocks.append(_Clock())
         for group, clock in zip(self.param_groups, self._clocks):
-            self._step_group(group, clock, managed)
+            self._step_group(group, clock)
+        for cells in self._cells.values():
+            cells.used_R[:] = False
+        self._prepared = False
         if self._clocks and self._clocks[0].t % _GC_EVERY == 0:
             self._prune()
         return loss
 
-    def _step_group(self, group: dict[str, Any], clock: _Clock, managed: dict[int, _LazyCells]) -> None:
+    def _step_group(self, group: dict[str, Any], clock: _Clock) -> None:
         lr, mom, wd, nesterov = group["lr"], group["momentum"], group["weight_decay"], group["nesterov"]
         params: list[Tensor] = []
         grads: list[Tensor] = []
         bufs: list[Tensor | None] = []
         updated: list[tuple[_LazyCells, np.ndarray | None]] = []
         for p in group["params"]:
-            if p.grad is None:
+            cells = self._cells.get(id(p))
+            if p.grad is None:  # torch.optim.SGD skips it: so do its deferred rows
+                if cells is not None:
+                    cells.skip()
                 continue
             state = self.state[p]
             if mom > 0 and "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             buf = state.get("momentum_buffer")
-            cells = managed.get(id(p))
-            if cells is None or cells.dense_dirty or not p.grad.is_contiguous() or cells.dirty_R.all():
+            if cells is None or not p.grad.is_contiguous() or cells.used_R.all():
                 if cells is not None:
                     cells.flush()
                     updated.append((cells, None))
                 params.append(p), grads.append(p.grad), bufs.append(buf)
                 continue
-            mask_R = cells.dirty_R.copy()
+            mask_R = cells.used_R.copy()
             cells.stale = True  # some rows skip this step
             if not mask_R.any():
                 continue
-            cells.catch_up(mask_R)  # rows only another rank used were not read here yet
+            cells.catch_up(mask_R)  # rows only another rank used were not prepared here
             updated.append((cells, mask_R))
             for r0, r1 in row_runs(mask_R):  # contiguous views: SGD's own kernel updates them in place
                 params.append(p[r0:r1]), grads.append(p.grad[r0:r1])
@@ -323,30 +320,27 @@ class LegoSGD(torch.optim.Optimizer):
                 cells.synced_R[mask_R] = clock.t + 1
         clock.advance(skipped_step_map(lr=float(lr), momentum=mom, weight_decay=wd, nesterov=nesterov))
 
-    def _share_dirty(self) -> None:
-        """OR the dirty cells (and dense-use flags) over ranks: every rank updates the same cells."""
-        if not self._lazy or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
-            return
-        flat = np.concatenate([c.dirty_R for c in self._lazy] + [np.array([c.dense_dirty for c in self._lazy])])
-        shared = torch.from_numpy(flat.astype(np.uint8))
-        if dist.get_backend() == "nccl":
-            shared = shared.cuda()
-        dist.all_reduce(shared, op=dist.ReduceOp.MAX)
-        merged = shared.cpu().numpy().astype(bool)
-        start = 0
-        for c in self._lazy:
-            n = c.dirty_R.size
-            c.dirty_R[:] = merged[start:start + n]
-            start += n
-        for c, f in zip(self._lazy, merged[start:].tolist()):
-            c.dense_dirty = c.dense_dirty or bool(f)
+    def _share_used(self) -> None:
+        """OR the used rows over ranks (every rank updates the same rows; their gradients are summed)."""
+        cells = list(self._cells.values())
+        if cells and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            shared = torch.from_numpy(np.concatenate([c.used_R for c in cells]).astype(np.uint8))
+            if dist.get_backend() == "nccl":
+                shared = shared.cuda()
+            dist.all_reduce(shared, op=dist.ReduceOp.MAX)
+            merged = shared.cpu().numpy().astype(bool)
+            start = 0
+            for c in cells:
+                c.used_R[:] = merged[start:start + c.rows]
+                start += c.rows
+        for c in cells:
+            c.dirty_R |= c.used_R
 
     def _prune(self) -> None:
-        """Drop skipped-step maps that no cell still needs."""
+        """Drop skipped-step maps that no row still needs."""
         live: set[int] = set()
-        for c in self._lazy:
+        for c in self._cells.values():
             if c.stale:
                 live.update(np.unique(c.synced_R).tolist())
         for clock in self._clocks:
             clock.since = {s: m for s, m in clock.since.items() if s in live}
-
