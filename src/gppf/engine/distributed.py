@@ -82,7 +82,10 @@ def plan_tasks(*, tasks: list[str], costs: dict[str, float], world: int, planner
 
 
 class GradSync:
-    """Sums every parameter's gradient over ranks in fixed flat buckets (zeros for unused params)."""
+    """Sums every parameter's gradient over ranks in fixed flat buckets (zeros for unused params).
+
+    In a single process it does nothing (no buckets, no copies): the gradients are already the sum.
+    """
 
     def __init__(self, *, params: list[nn.Parameter], info: DistInfo, bucket_mb: float = 25.0) -> None:
         self.info = info
@@ -91,6 +94,8 @@ class GradSync:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         self.buckets: list[list[nn.Parameter]] = []
+        if not info.enabled:
+            return
         limit, cur, size = bucket_mb * 2**20, [], 0
         for p in params:
             cur.append(p)
