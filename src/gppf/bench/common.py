@@ -35,20 +35,27 @@ def fixed_threads(threads: int | None) -> Iterator[int]:
 
 
 def interleaved_times(
-    fns: Mapping[str, Callable[[], object]], *, repeats: int, warmup: int
+    fns: Mapping[str, Callable[[], object]], *, repeats: int, warmup: int,
+    setup: Mapping[str, Callable[[], object]] | None = None,
 ) -> dict[str, list[float]]:
     """Run ``warmup`` untimed rounds, then ``repeats`` timed rounds of every fn in order (A B C A B C).
 
+    ``setup[name]``, if given, runs untimed right before every call of ``fns[name]``.
     Returns the per-round wall times in seconds of each fn.
     """
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats}, {warmup}")
+    setup = setup or {}
     for _ in range(warmup):
-        for fn in fns.values():
+        for name, fn in fns.items():
+            if name in setup:
+                setup[name]()
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            if name in setup:
+                setup[name]()
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
