@@ -62,6 +62,33 @@ def interleaved_times(
     return times
 
 
+class Repeat:
+    """An endless iterator that returns the same batch every time (data loading excluded)."""
+
+    def __init__(self, batch: Any) -> None:
+        self.batch = batch
+
+    def __iter__(self) -> Iterator[Any]:
+        return self
+
+    def __next__(self) -> Any:
+        return self.batch
+
+
+class Stepper:
+    """Calls a ``SIMTStep`` with increasing step numbers and counts skipped (non-finite) steps."""
+
+    def __init__(self, step_fn: Callable[[int], Any]) -> None:
+        self.step_fn = step_fn
+        self.calls = 0
+        self.skipped = 0
+
+    def __call__(self) -> None:
+        result = self.step_fn(self.calls)
+        self.calls += 1
+        self.skipped += int(result.skipped)
+
+
 def medians(times: Mapping[str, list[float]]) -> dict[str, float]:
     return {name: statistics.median(ts) for name, ts in times.items()}
 

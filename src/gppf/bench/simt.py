@@ -42,6 +42,8 @@ from typing import Any, Iterator
 import torch
 
 from gppf.bench.common import (
+    Repeat,
+    Stepper,
     emit,
     env_info,
     fixed_threads,
@@ -64,19 +66,6 @@ QUICK_TASK = {"batch_size": 8, "image_size": 32}  # format-agnostic; 8: reid P x
 QUICK_MODEL = ["model.width_mult=0.25"]
 
 
-class Repeat:
-    """An endless iterator that returns the same batch every time (data loading excluded)."""
-
-    def __init__(self, batch: Any) -> None:
-        self.batch = batch
-
-    def __iter__(self) -> Iterator[Any]:
-        return self
-
-    def __next__(self) -> Any:
-        return self.batch
-
-
 class TimedStream:
     """Wraps a stream; ``waited`` accumulates the seconds spent blocked in ``next``."""
 
@@ -92,20 +81,6 @@ class TimedStream:
         batch = next(self.stream)
         self.waited += time.perf_counter() - t0
         return batch
-
-
-class Stepper:
-    """Calls a ``SIMTStep`` with increasing step numbers and counts skipped (non-finite) steps."""
-
-    def __init__(self, step_fn: Any) -> None:
-        self.step_fn = step_fn
-        self.calls = 0
-        self.skipped = 0
-
-    def __call__(self) -> None:
-        result = self.step_fn(self.calls)
-        self.calls += 1
-        self.skipped += int(result.skipped)
 
 
 # ----------------------------------------------------------------------------- config and run

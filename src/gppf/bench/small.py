@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import gppf
-from gppf.bench.common import interleaved_times, medians, peak_alloc_bytes, ratio
+from gppf.bench.common import Repeat, Stepper, interleaved_times, medians, peak_alloc_bytes, ratio
 from gppf.data.collate import Batch
 from gppf.engine.distributed import DistInfo, GradSync
 from gppf.engine.model import MultiTaskModel
@@ -61,19 +61,6 @@ class PooledClassifier(nn.Module):
         return F.cross_entropy(logits.float(), batch.stacked["label"])
 
 
-class Repeat:
-    """An endless stream of one batch."""
-
-    def __init__(self, batch: Batch) -> None:
-        self.batch = batch
-
-    def __iter__(self) -> Repeat:
-        return self
-
-    def __next__(self) -> Batch:
-        return self.batch
-
-
 def task_names(n: int) -> list[str]:
     return [f"task{i}" for i in range(n)]
 
@@ -101,6 +88,27 @@ def build_model(variant: str, *, tasks: list[str], legos: int, active: int, clas
     return MultiTaskModel(backbone=backbone, heads=heads).train().to(memory_format=torch.channels_last)
 
 
+class TimedOptimizer:
+    """Steps the real optimizer and records the wall time of its ``step`` and ``zero_grad``."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+        self.times: dict[str, list[float]] = {"step": [], "zero_grad": []}
+
+    def step(self) -> None:
+        t0 = time.perf_counter()
+        self.optimizer.step()
+        self.times["step"].append(time.perf_counter() - t0)
+
+    def zero_grad(self, set_to_none: bool = False) -> None:
+        t0 = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+        self.times["zero_grad"].append(time.perf_counter() - t0)
+
+    def medians(self, last: int) -> dict[str, float]:
+        return {k: statistics.median(v[-last:]) for k, v in self.times.items()}
+
+
 def build_step(variant: str, *, tasks: int, batch: int, image_size: int, legos: int, active: int,
                classes: int, sgd: str = "fused") -> SIMTStep:
     """The engine's SIMT step over ``tasks`` fixed batches (SGD as the trainer builds it)."""
@@ -121,23 +129,10 @@ def build_step(variant: str, *, tasks: int, batch: int, image_size: int, legos: 
     return SIMTStep(model=model, streams=streams, losses={t: model.heads[t].loss for t in names},
                     global_batch={t: batch for t in names},
                     weighting=StaticWeighting(tasks=names, static_weights={t: 1.0 for t in names}),
-                    optimizer=optimizer, scheduler=None, grad_sync=GradSync(params=params, info=info), info=info,
+                    optimizer=TimedOptimizer(optimizer), scheduler=None,
+                    grad_sync=GradSync(params=params, info=info), info=info,
                     device=torch.device("cpu"), grad_clip=OPTIM["grad_clip"], amp_dtype=torch.bfloat16,
                     channels_last=True)
-
-
-@dataclass
-class Stepper:
-    """Calls a ``SIMTStep`` with increasing step numbers."""
-
-    step_fn: SIMTStep
-    calls: int = 0
-    skipped: int = 0
-
-    def __call__(self) -> None:
-        result = self.step_fn(self.calls)
-        self.calls += 1
-        self.skipped += int(result.skipped)
 
 
 class _Frozen:
@@ -186,6 +181,7 @@ def run_small_regime(*, tasks: int, batch: int, image_size: int, legos: int, act
                                       active=active, classes=classes, sgd=sgd)) for v in VARIANTS}
     samples = interleaved_times(steppers, repeats=repeats, warmup=warmup)
     med = medians(samples)
+    optimizer_s = {v: s.step_fn.optimizer.medians(repeats) for v, s in steppers.items()}
     mem = {v: peak_alloc_bytes(s) for v, s in steppers.items()}
     passes = {v: grad_pass_times(s, repeats=max(3, repeats)) for v, s in steppers.items()}
     params = {v: sum(p.numel() for p in s.step_fn.model.parameters()) for v, s in steppers.items()}
@@ -196,6 +192,7 @@ def run_small_regime(*, tasks: int, batch: int, image_size: int, legos: int, act
         "median_step_s": med,
         "step_samples_s": samples,
         "step_act_peak_bytes": mem,
+        "median_optimizer_s": optimizer_s,
         "grad_pass_s": passes,
         "parameters": params,
         "skipped_steps": sum(s.skipped for s in steppers.values()),
