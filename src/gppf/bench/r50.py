@@ -177,6 +177,7 @@ def run_r50_regime(*, tasks: list[str], batch: int, image_size: int, repeats: in
     samples = interleaved_times({n: t.step for n, t in trainees.items()}, repeats=repeats, warmup=warmup)
     med = medians(samples)
     best = min(DENSE, key=lambda n: med[n])
+    phases = {name: t.median_phases(repeats) for name, t in trainees.items()}  # before the profiled steps
     mem = {name: step_memory(t) for name, t in trainees.items()}
     return {
         "routed_vs_dense_step": ratio(med["routed_large"], med[best]),
@@ -186,7 +187,7 @@ def run_r50_regime(*, tasks: list[str], batch: int, image_size: int, repeats: in
         "dense_contiguous_vs_channels_last_step": ratio(med["dense_contiguous"], med["dense_channels_last"]),
         "median_step_s": med,
         "step_samples_s": samples,
-        "median_phase_s": {name: t.median_phases(repeats) for name, t in trainees.items()},
+        "median_phase_s": phases,
         "step_act_peak_bytes": mem,
         "param_and_optim_state_bytes": {name: state_bytes(t) for name, t in trainees.items()},
         "config": dict(
