@@ -20,6 +20,14 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 
+CLOCKS: dict[str, Callable[[], float]] = {
+    "wall": time.perf_counter,
+    # CPU time of this process: with one compute thread, the step's own work, and far less sensitive
+    # than wall time to other processes competing for a shared machine's cores.
+    "cpu": time.process_time,
+}
+
+
 @contextlib.contextmanager
 def fixed_threads(threads: int | None) -> Iterator[int]:
     """Pin ``torch``'s intra-op thread count (``None``: keep the current one); restore it on exit."""
@@ -36,12 +44,13 @@ def fixed_threads(threads: int | None) -> Iterator[int]:
 
 def interleaved_times(
     fns: Mapping[str, Callable[[], object]], *, repeats: int, warmup: int,
-    setup: Mapping[str, Callable[[], object]] | None = None,
+    setup: Mapping[str, Callable[[], object]] | None = None, clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, list[float]]:
     """Run ``warmup`` untimed rounds, then ``repeats`` timed rounds of every fn in order (A B C A B C).
 
-    ``setup[name]``, if given, runs untimed right before every call of ``fns[name]``.
-    Returns the per-round wall times in seconds of each fn.
+    ``setup[name]``, if given, runs untimed right before every call of ``fns[name]``. ``clock``: wall
+    time (default) or e.g. ``time.process_time`` (see ``CLOCKS``).
+    Returns the per-round times in seconds of each fn.
     """
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats}, {warmup}")
@@ -56,9 +65,9 @@ def interleaved_times(
         for name, fn in fns.items():
             if name in setup:
                 setup[name]()
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(clock() - t0)
     return times
 
 

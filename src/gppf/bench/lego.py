@@ -21,7 +21,9 @@ optimizer state), ``r18_32px/learned_vs_hard_sharing_step``, ``r18_32px/fixed_vs
 
 Every model of a regime is stepped interleaved in one process after warm-up rounds, with a fixed
 thread count (default 1: on a shared 2-core machine OpenMP barriers make multi-threaded timings
-erratic). ``--regime`` picks one regime (default all); ``--quick`` shrinks everything to a smoke test
+erratic). Steps are timed by the process's CPU time (``--clock cpu``, the default: with one thread,
+the step's own work, robust to other processes competing for the cores) or by wall time
+(``--clock wall``). ``--regime`` picks one regime (default all); ``--quick`` shrinks everything to a smoke test
 (not a measurement).
 """
 from __future__ import annotations
@@ -56,7 +58,7 @@ def goal_keys(regimes: list[str]) -> dict[str, float]:
     return {f"{r}/{k}": g for r in regimes for k, g in GOALS[r].items()}
 
 
-def run_regime(name: str, *, quick: bool, repeats: int, warmup: int, sgd: str, lazy: bool,
+def run_regime(name: str, *, quick: bool, repeats: int, warmup: int, sgd: str, lazy: bool, clock: str,
                overrides: dict[str, Any]) -> dict[str, Any]:
     """Run one regime with its defaults (``quick`` sizes), then ``overrides`` (CLI values)."""
     if name == "r18_32px":
@@ -64,24 +66,25 @@ def run_regime(name: str, *, quick: bool, repeats: int, warmup: int, sgd: str, l
 
         kw = {**(SMALL_QUICK if quick else SMALL_DEFAULTS)}
         kw.update({k: v for k, v in overrides.items() if k in kw and v is not None})
-        return run_small_regime(**kw, repeats=repeats, warmup=warmup, sgd=sgd)
+        return run_small_regime(**kw, repeats=repeats, warmup=warmup, sgd=sgd, clock=clock)
     from gppf.bench.r50 import default_recipe_tasks, run_r50_regime
 
     kw = {**R50[name], **(R50_QUICK if quick else {})}
     kw.update({k: v for k, v in overrides.items() if k in kw and k != "tasks" and v is not None})
     n_tasks = kw.pop("tasks")
     tasks = default_recipe_tasks()[:n_tasks] if n_tasks > 1 else ["t"]
-    return run_r50_regime(tasks=tasks, **kw, repeats=repeats, warmup=warmup, sgd=sgd, lazy=lazy)
+    return run_r50_regime(tasks=tasks, **kw, repeats=repeats, warmup=warmup, sgd=sgd, lazy=lazy, clock=clock)
 
 
 def run_lego_bench(*, regimes: list[str], quick: bool, repeats: int, warmup: int, threads: int | None,
-                   sgd: str = "fused", lazy: bool = True, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+                   sgd: str = "fused", lazy: bool = True, clock: str = "cpu",
+                   overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Measure the given regimes; a JSON-ready dict with the flat ratios, per-regime details and goals."""
     results: dict[str, Any] = {}
     with fixed_threads(threads) as n_threads:
         for name in regimes:
             results[name] = run_regime(name, quick=quick, repeats=repeats, warmup=warmup, sgd=sgd, lazy=lazy,
-                                       overrides=overrides or {})
+                                       clock=clock, overrides=overrides or {})
     goals = goal_keys(regimes)
     values = {key: results[key.split("/")[0]][key.split("/")[1]] for key in goals}
     return {
@@ -91,7 +94,7 @@ def run_lego_bench(*, regimes: list[str], quick: bool, repeats: int, warmup: int
         "goals": goals,
         "meets_goals": meets(values, goals),
         "config": dict(regimes=regimes, quick=quick, repeats=repeats, warmup=warmup, threads=n_threads,
-                       sgd=sgd, lazy=lazy, device="cpu", **env_info()),
+                       sgd=sgd, lazy=lazy, clock=clock, device="cpu", **env_info()),
     }
 
 
@@ -103,6 +106,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, help="timed interleaved rounds (default 5; quick 1)")
     p.add_argument("--warmup", type=int, help="untimed rounds first (default 2; quick 1)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default 1)")
+    p.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
+                   help="time steps by this process's CPU time (default: with one thread, the step's own work, "
+                        "robust to other processes on a shared machine) or by wall time")
     p.add_argument("--sgd", choices=["fused", "foreach"], default="fused",
                    help="SGD kernels of every model (default fused)")
     p.add_argument("--no-lazy", action="store_true",
@@ -126,7 +132,7 @@ def main_lego(argv: list[str]) -> int:
     overrides = {k: getattr(args, k) for k in ("batch", "image_size", "legos_small", "legos_large", "legos",
                                                "active", "tasks")}
     result = run_lego_bench(regimes=regimes, quick=args.quick, sgd=args.sgd, lazy=not args.no_lazy,
-                            overrides=overrides, **kw)
+                            clock=args.clock, overrides=overrides, **kw)
     emit(result, as_json=args.json)
     return 0 if all(math.isfinite(result[k]) for k in result["goals"]) else 1
 

@@ -33,7 +33,7 @@ import yaml
 from torch import Tensor, nn
 
 import gppf
-from gppf.bench.common import interleaved_times, medians, peak_alloc_bytes, ratio
+from gppf.bench.common import CLOCKS, interleaved_times, medians, peak_alloc_bytes, ratio
 from gppf.lego.optim import LegoSGD
 
 NUM_CLASSES = 1000
@@ -84,30 +84,32 @@ class Trainee:
     model: MultiHead
     opt: torch.optim.Optimizer
     batches: dict[str, tuple[Tensor, Tensor]]
+    clock: Callable[[], float] = time.perf_counter
     phases_s: dict[str, list[float]] = field(default_factory=dict)
 
     def step(self) -> None:
         """One SIMT-like step: every task's forward + backward, router losses, one SGD step."""
-        t0 = time.perf_counter()
+        clock = self.clock
+        t0 = clock()
         self.opt.zero_grad(set_to_none=False)
         fwd = bwd = 0.0
         for task, (x, y) in self.batches.items():
-            ta = time.perf_counter()
+            ta = clock()
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 loss = F.cross_entropy(self.model(x, task).float(), y) / len(self.batches)
-            tb = time.perf_counter()
+            tb = clock()
             loss.backward()
-            fwd, bwd = fwd + tb - ta, bwd + time.perf_counter() - tb
+            fwd, bwd = fwd + tb - ta, bwd + clock() - tb
         backbone = self.model.parts["backbone"] if "backbone" in self.model.parts else None
         if backbone is not None:
-            ta = time.perf_counter()
+            ta = clock()
             aux = sum(backbone.router.aux_losses().values())
             if aux.requires_grad:
                 aux.backward()
-            bwd += time.perf_counter() - ta
-        t3 = time.perf_counter()
+            bwd += clock() - ta
+        t3 = clock()
         self.opt.step()
-        t4 = time.perf_counter()
+        t4 = clock()
         zero = t3 - t0 - fwd - bwd
         for name, dt in zip(PHASES, (zero, fwd, bwd, t4 - t3)):
             self.phases_s.setdefault(name, []).append(dt)
@@ -127,7 +129,7 @@ def make_sgd(params: Any, *, impl: SgdImpl, lazy: bool) -> torch.optim.Optimizer
 
 
 def make_trainee(model: MultiHead, *, tasks: list[str], batch: int, image_size: int, sgd: SgdImpl, lazy: bool,
-                 weights_channels_last: bool) -> Trainee:
+                 weights_channels_last: bool, clock: Callable[[], float]) -> Trainee:
     """Train mode, weights in the asked layout (lego weights stay contiguous), seeded batches."""
     model.train()
     if weights_channels_last:
@@ -137,11 +139,12 @@ def make_trainee(model: MultiHead, *, tasks: list[str], batch: int, image_size: 
     for t in tasks:
         x = torch.randn(batch, 3, image_size, image_size, generator=gen).to(memory_format=torch.channels_last)
         batches[t] = (x, torch.randint(0, NUM_CLASSES, (batch,), generator=gen))
-    return Trainee(model=model, opt=make_sgd(model.parameters(), impl=sgd, lazy=lazy), batches=batches)
+    opt = make_sgd(model.parameters(), impl=sgd, lazy=lazy)
+    return Trainee(model=model, opt=opt, batches=batches, clock=clock)
 
 
 def build_trainees(*, tasks: list[str], batch: int, image_size: int, legos_small: int, legos_large: int,
-                   active: int, sgd: SgdImpl, lazy: bool) -> dict[str, Trainee]:
+                   active: int, sgd: SgdImpl, lazy: bool, clock: Callable[[], float]) -> dict[str, Trainee]:
     """The two dense layouts and the two routed models, on the same batches (init seeded once)."""
     torch.manual_seed(0)
     models = {
@@ -151,7 +154,7 @@ def build_trainees(*, tasks: list[str], batch: int, image_size: int, legos_small
         "routed_small": (routed_model(tasks, legos=legos_small, active=active), True),
     }
     return {name: make_trainee(m, tasks=tasks, batch=batch, image_size=image_size, sgd=sgd,
-                               lazy=lazy and name.startswith("routed"), weights_channels_last=cl)
+                               lazy=lazy and name.startswith("routed"), weights_channels_last=cl, clock=clock)
             for name, (m, cl) in models.items()}
 
 
@@ -170,11 +173,13 @@ def state_bytes(trainee: Trainee) -> int:
 
 
 def run_r50_regime(*, tasks: list[str], batch: int, image_size: int, repeats: int, warmup: int,
-                   legos_small: int, legos_large: int, active: int, sgd: SgdImpl, lazy: bool) -> dict[str, Any]:
+                   legos_small: int, legos_large: int, active: int, sgd: SgdImpl, lazy: bool,
+                   clock: str = "wall") -> dict[str, Any]:
     """Interleaved step times, phases and step memory of the four models; ratios against the best dense."""
     trainees = build_trainees(tasks=tasks, batch=batch, image_size=image_size, legos_small=legos_small,
-                              legos_large=legos_large, active=active, sgd=sgd, lazy=lazy)
-    samples = interleaved_times({n: t.step for n, t in trainees.items()}, repeats=repeats, warmup=warmup)
+                              legos_large=legos_large, active=active, sgd=sgd, lazy=lazy, clock=CLOCKS[clock])
+    samples = interleaved_times({n: t.step for n, t in trainees.items()}, repeats=repeats, warmup=warmup,
+                                clock=CLOCKS[clock])
     med = medians(samples)
     best = min(DENSE, key=lambda n: med[n])
     phases = {name: t.median_phases(repeats) for name, t in trainees.items()}  # before the profiled steps
@@ -193,7 +198,8 @@ def run_r50_regime(*, tasks: list[str], batch: int, image_size: int, repeats: in
         "config": dict(
             backbone="gppf_r50 vs torchvision resnet50", tasks=len(tasks), task_names=tasks,
             batch_per_task=batch, image_size=image_size, legos_small=legos_small, legos_large=legos_large,
-            active=active, repeats=repeats, warmup=warmup, routes="learned (topk_st gates, router losses)",
+            active=active, repeats=repeats, warmup=warmup, clock=clock,
+            routes="learned (topk_st gates, router losses)",
             dtype="bfloat16 autocast", inputs="channels_last",
             optimizer=f"SGD({', '.join(f'{k}={v}' for k, v in SGD_KW.items())}, {sgd} kernels): torch.optim.SGD "
                       f"for dense, {'gppf LegoSGD' if lazy else 'torch.optim.SGD'} for routed",

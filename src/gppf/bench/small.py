@@ -20,16 +20,15 @@ gradient regions, which also detects non-finite values), ``per_tensor_full`` the
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import replace
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 import gppf
-from gppf.bench.common import Repeat, Stepper, interleaved_times, medians, peak_alloc_bytes, ratio
+from gppf.bench.common import CLOCKS, Repeat, Stepper, interleaved_times, medians, peak_alloc_bytes, ratio
 from gppf.data.collate import Batch
 from gppf.engine.distributed import DistInfo, GradSync
 from gppf.engine.model import MultiTaskModel
@@ -91,26 +90,26 @@ def build_model(variant: str, *, tasks: list[str], legos: int, active: int, clas
 class TimedOptimizer:
     """Steps the real optimizer and records the wall time of its ``step`` and ``zero_grad``."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
-        self.optimizer = optimizer
+    def __init__(self, optimizer: torch.optim.Optimizer, *, clock: Callable[[], float]) -> None:
+        self.optimizer, self.clock = optimizer, clock
         self.times: dict[str, list[float]] = {"step": [], "zero_grad": []}
 
     def step(self) -> None:
-        t0 = time.perf_counter()
+        t0 = self.clock()
         self.optimizer.step()
-        self.times["step"].append(time.perf_counter() - t0)
+        self.times["step"].append(self.clock() - t0)
 
     def zero_grad(self, set_to_none: bool = False) -> None:
-        t0 = time.perf_counter()
+        t0 = self.clock()
         self.optimizer.zero_grad(set_to_none=set_to_none)
-        self.times["zero_grad"].append(time.perf_counter() - t0)
+        self.times["zero_grad"].append(self.clock() - t0)
 
     def medians(self, last: int) -> dict[str, float]:
         return {k: statistics.median(v[-last:]) for k, v in self.times.items()}
 
 
 def build_step(variant: str, *, tasks: int, batch: int, image_size: int, legos: int, active: int,
-               classes: int, sgd: str = "fused") -> SIMTStep:
+               classes: int, sgd: str = "fused", clock: str = "wall") -> SIMTStep:
     """The engine's SIMT step over ``tasks`` fixed batches (SGD as the trainer builds it)."""
     names = task_names(tasks)
     model = build_model(variant, tasks=names, legos=legos, active=active, classes=classes)
@@ -129,7 +128,7 @@ def build_step(variant: str, *, tasks: int, batch: int, image_size: int, legos: 
     return SIMTStep(model=model, streams=streams, losses={t: model.heads[t].loss for t in names},
                     global_batch={t: batch for t in names},
                     weighting=StaticWeighting(tasks=names, static_weights={t: 1.0 for t in names}),
-                    optimizer=TimedOptimizer(optimizer), scheduler=None,
+                    optimizer=TimedOptimizer(optimizer, clock=CLOCKS[clock]), scheduler=None,
                     grad_sync=GradSync(params=params, info=info), info=info,
                     device=torch.device("cpu"), grad_clip=OPTIM["grad_clip"], amp_dtype=torch.bfloat16,
                     channels_last=True)
@@ -152,7 +151,7 @@ def legacy_checks(params: list[nn.Parameter], max_norm: float) -> float:
     return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
 
 
-def grad_pass_times(stepper: Stepper, *, repeats: int) -> dict[str, float]:
+def grad_pass_times(stepper: Stepper, *, repeats: int, clock: Callable[[], float]) -> dict[str, float]:
     """Median time of the fused written-region norm vs the legacy full passes on one step's gradients."""
     step = stepper.step_fn
     probe = replace(step, optimizer=_Frozen(), grad_clip=0.0)
@@ -161,11 +160,11 @@ def grad_pass_times(stepper: Stepper, *, repeats: int) -> dict[str, float]:
     times: dict[str, list[float]] = {"fused_written": [], "per_tensor_full": []}
     norms = {}
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = clock()
         norms["fused_written"] = total_norm(written_grads(params))
-        t1 = time.perf_counter()
+        t1 = clock()
         norms["per_tensor_full"] = legacy_checks(params, max_norm=float("inf"))
-        t2 = time.perf_counter()
+        t2 = clock()
         times["fused_written"].append(t1 - t0)
         times["per_tensor_full"].append(t2 - t1)
     step.optimizer.zero_grad(set_to_none=False)
@@ -175,15 +174,15 @@ def grad_pass_times(stepper: Stepper, *, repeats: int) -> dict[str, float]:
 
 
 def run_small_regime(*, tasks: int, batch: int, image_size: int, legos: int, active: int, classes: int,
-                     repeats: int, warmup: int, sgd: str = "fused") -> dict[str, Any]:
+                     repeats: int, warmup: int, sgd: str = "fused", clock: str = "wall") -> dict[str, Any]:
     """Interleaved whole-SIMT-step times, step memory and gradient-pass times of the three variants."""
     steppers = {v: Stepper(build_step(v, tasks=tasks, batch=batch, image_size=image_size, legos=legos,
-                                      active=active, classes=classes, sgd=sgd)) for v in VARIANTS}
-    samples = interleaved_times(steppers, repeats=repeats, warmup=warmup)
+                                      active=active, classes=classes, sgd=sgd, clock=clock)) for v in VARIANTS}
+    samples = interleaved_times(steppers, repeats=repeats, warmup=warmup, clock=CLOCKS[clock])
     med = medians(samples)
     optimizer_s = {v: s.step_fn.optimizer.medians(repeats) for v, s in steppers.items()}
     mem = {v: peak_alloc_bytes(s) for v, s in steppers.items()}
-    passes = {v: grad_pass_times(s, repeats=max(3, repeats)) for v, s in steppers.items()}
+    passes = {v: grad_pass_times(s, repeats=max(3, repeats), clock=CLOCKS[clock]) for v, s in steppers.items()}
     params = {v: sum(p.numel() for p in s.step_fn.model.parameters()) for v, s in steppers.items()}
     return {
         "learned_vs_hard_sharing_step": ratio(med["learned"], med["hard_sharing"]),
@@ -198,7 +197,7 @@ def run_small_regime(*, tasks: int, batch: int, image_size: int, legos: int, act
         "skipped_steps": sum(s.skipped for s in steppers.values()),
         "config": dict(backbone="gppf_r18", width_mult=1.0, tasks=tasks, batch_per_task=batch,
                        image_size=image_size, legos=legos, active=active, classes=classes, repeats=repeats,
-                       warmup=warmup, step="gppf.engine.simt.SIMTStep (whole step, fixed batches)",
+                       warmup=warmup, clock=clock, step="gppf.engine.simt.SIMTStep (whole step, fixed batches)",
                        optimizer=f"LegoSGD(nesterov, {sgd} kernel, {OPTIM})", dtype="bfloat16 autocast",
                        memory_format="channels_last"),
     }
