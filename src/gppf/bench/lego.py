@@ -109,8 +109,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
                    help="time steps by this process's CPU time (default: with one thread, the step's own work, "
                         "robust to other processes on a shared machine) or by wall time")
-    p.add_argument("--sgd", choices=["fused", "foreach"], default="fused",
-                   help="SGD kernels of every model (default fused)")
+    p.add_argument("--sgd", choices=["fused", "foreach", "default"], default="fused",
+                   help="SGD kernels of every model (default fused; 'default': torch's choice, a per-tensor loop "
+                        "on CPU, as the trainer's LegoSGD today)")
     p.add_argument("--no-lazy", action="store_true",
                    help="R50 routed models use torch.optim.SGD (every lego updated every step) instead of LegoSGD")
     p.add_argument("--batch", type=int, help="batch size per task of the chosen regime(s)")

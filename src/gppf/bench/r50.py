@@ -38,7 +38,7 @@ from gppf.lego.optim import LegoSGD
 
 NUM_CLASSES = 1000
 SGD_KW: dict[str, Any] = dict(lr=1e-3, momentum=0.9, weight_decay=1e-4)
-SgdImpl = Literal["fused", "foreach"]
+SgdImpl = Literal["fused", "foreach", "default"]  # default: torch's choice (a per-tensor loop on CPU)
 PHASES = ("zero_grad", "forward", "backward", "optimizer")
 DENSE = ("dense_channels_last", "dense_contiguous")
 
@@ -119,10 +119,11 @@ class Trainee:
 
 
 def make_sgd(params: Any, *, impl: SgdImpl, lazy: bool) -> torch.optim.Optimizer:
-    """SGD with momentum and weight decay: ``torch.optim.SGD``, or gppf's ``LegoSGD`` if ``lazy``."""
-    if impl not in ("fused", "foreach"):
+    """SGD with momentum and weight decay: ``torch.optim.SGD``, or gppf's ``LegoSGD`` if ``lazy``; ``fused``
+    or ``foreach`` kernels, or torch's ``default`` choice (what the trainer's ``LegoSGD`` gets today)."""
+    if impl not in ("fused", "foreach", "default"):
         raise ValueError(f"unknown SGD implementation {impl!r}")
-    kernels = dict(fused=impl == "fused", foreach=impl == "foreach")
+    kernels = {} if impl == "default" else dict(fused=impl == "fused", foreach=impl == "foreach")
     if lazy:
         return LegoSGD(params, **SGD_KW, **kernels)
     return torch.optim.SGD(params, **SGD_KW, **kernels)
