@@ -18,7 +18,8 @@ Read top to bottom (``SIMTStep.__call__``):
    one multiply of the written regions, and only when it clips), optimizer step, scheduler step, zero
    the gradients (buffers kept for the next step).
 
-Steps 3 and 5 thus cost in proportion to the legos a step used, not to ``N`` (in a single process).
+Steps 3 and 5 thus cost in proportion to the legos a step used, not to ``N`` (in a single process;
+a weight whose legos are its input columns counts as wholly written, as ``LegoSGD`` tracks rows).
 """
 from __future__ import annotations
 
