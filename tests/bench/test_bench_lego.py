@@ -1,13 +1,16 @@
-"""Smoke test of ``gppf bench lego``: quick sizes, JSON keys, positive finite ratios; memory probe."""
+"""``gppf bench lego``: quick sizes of every regime, JSON keys and ratio values; memory probe; timing."""
 from __future__ import annotations
 
 import json
 import math
 
+import pytest
 import torch
 
-from gppf.bench.common import peak_alloc_bytes
-from gppf.bench.lego import GOALS, main_lego
+from gppf.bench.common import interleaved_times, peak_alloc_bytes
+from gppf.bench.lego import GOALS, REGIMES, goal_keys, main_lego
+from gppf.bench.r50 import default_recipe_tasks
+from gppf.bench.small import distinct_routes
 
 
 def test_peak_alloc_bytes_counts_a_known_allocation():
@@ -34,23 +37,62 @@ def test_peak_alloc_bytes_ignores_memory_from_before_the_region():
     assert peak_alloc_bytes(lambda: None) == 0
 
 
-def test_bench_lego_quick_json(capsys):
-    assert main_lego(["--quick", "--json", "--threads", "1"]) == 0
+def test_interleaved_times_runs_setup_untimed_before_each_call():
+    calls: list[str] = []
+    times = interleaved_times({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=2,
+                              warmup=1, setup={"b": lambda: calls.append("setup")})
+    assert calls == ["a", "setup", "b"] * 3
+    assert [len(v) for v in times.values()] == [2, 2]
+
+
+def test_regime_routes_and_tasks():
+    assert len(default_recipe_tasks()) == 6 and len(set(default_recipe_tasks())) == 6
+    routes = distinct_routes(tasks=["a", "b", "c"], layers=2, legos=8, active=2)
+    assert routes == {"a": [[0, 1]] * 2, "b": [[2, 3]] * 2, "c": [[4, 5]] * 2}
+
+
+def _ratio_ok(value: float) -> bool:
+    return isinstance(value, float) and math.isfinite(value) and value > 0
+
+
+def test_bench_lego_quick_json_every_regime(capsys):
+    assert main_lego(["--quick", "--json", "--threads", "1", "--warmup", "0", "--image-size", "32"]) == 0
     out = capsys.readouterr().out.strip()
     assert len(out.splitlines()) == 1, "exactly one JSON object on stdout"
     result = json.loads(out)
-    for key in GOALS:
-        assert isinstance(result[key], float) and math.isfinite(result[key]) and result[key] > 0
-    assert set(result["goals"]) == set(result["meets_goals"]) == set(GOALS)
+    goals = goal_keys(list(REGIMES))
+    assert set(result["goals"]) == set(result["meets_goals"]) == set(goals) and len(goals) == 9
     assert all(isinstance(v, bool) for v in result["meets_goals"].values())
-    for key in ("median_step_s", "step_act_peak_bytes"):
-        assert set(result[key]) == {"dense", "routed_large", "routed_small"}
-        assert all(v > 0 for v in result[key].values())
-    for phases in result["median_phase_s"].values():
-        assert list(phases) == ["zero_grad", "forward", "backward", "optimizer"]
-        assert all(v >= 0 for v in phases.values())
-    assert set(result["median_phase_s"]) == {"dense", "routed_large", "routed_small"}
+    for key in goals:
+        assert _ratio_ok(result[key])
+        regime, name = key.split("/")
+        assert result["regimes"][regime][name] == result[key]
+    for regime in ("r50_1task", "r50_6tasks"):
+        r = result["regimes"][regime]
+        models = {"dense_channels_last", "dense_contiguous", "routed_large", "routed_small"}
+        assert set(r["median_step_s"]) == set(r["step_act_peak_bytes"]) == set(r["median_phase_s"]) == models
+        med = r["median_step_s"]
+        best = min(med["dense_channels_last"], med["dense_contiguous"])
+        assert med[f"dense_{r['dense_weights']}"] == best  # the faster dense layout is the baseline
+        assert r["routed_vs_dense_step"] == pytest.approx(med["routed_large"] / best)
+        assert r["dense_contiguous_vs_channels_last_step"] == pytest.approx(
+            med["dense_contiguous"] / med["dense_channels_last"])
+        for phases in r["median_phase_s"].values():
+            assert list(phases) == ["zero_grad", "forward", "backward", "optimizer"]
+            assert all(v >= 0 for v in phases.values())
+        assert (r["config"]["image_size"], r["config"]["batch_per_task"]) == (32, 2)
+    assert result["regimes"]["r50_6tasks"]["config"]["task_names"] == default_recipe_tasks()
+    assert result["regimes"]["r50_1task"]["config"]["tasks"] == 1
+    small = result["regimes"]["r18_32px"]
+    assert set(small["median_step_s"]) == {"hard_sharing", "learned", "fixed"}
+    assert small["learned_vs_hard_sharing_step"] == pytest.approx(
+        small["median_step_s"]["learned"] / small["median_step_s"]["hard_sharing"])
+    assert small["skipped_steps"] == 0 and small["config"]["tasks"] >= 2
+    p = small["parameters"]
+    assert p["learned"] == p["fixed"] > p["hard_sharing"]  # N=4 legos stored vs N=k=2
+    for passes in small["grad_pass_s"].values():
+        assert passes["norm_rel_diff"] < 1e-5  # the written-region norm equals the full norm
+        assert passes["fused_written"] > 0 and passes["per_tensor_full"] > 0
     cfg = result["config"]
-    assert (cfg["batch"], cfg["image_size"], cfg["threads"], cfg["quick"]) == (2, 64, 1, True)
-    assert cfg["torch"] == torch.__version__ and "bfloat16" in cfg["dtype"]
-    assert "set_to_none=False" in cfg["zero_grad"]
+    assert cfg["threads"] == 1 and cfg["quick"] is True and cfg["torch"] == torch.__version__
+    assert set(GOALS) == set(REGIMES)

@@ -4,9 +4,10 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 import torch
 
-from gppf.bench.simt import GOALS, Repeat, TimedStream, load_bench_config, main_simt
+from gppf.bench.simt import GOALS, NoneGrads, Repeat, TimedStream, load_bench_config, main_simt
 
 
 def test_repeat_and_timed_stream():
@@ -14,6 +15,16 @@ def test_repeat_and_timed_stream():
     stream = TimedStream(Repeat(batch))
     assert next(stream) is batch and next(stream) is batch
     assert stream.waited >= 0.0
+
+
+def test_none_grads_steps_the_optimizer_and_drops_gradients():
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([w], lr=0.5)
+    w.grad = torch.ones(3)
+    proxy = NoneGrads(opt)
+    proxy.step()
+    proxy.zero_grad(set_to_none=False)  # the SIMT step asks to keep them; the baseline drops them
+    assert torch.equal(w.detach(), torch.full((3,), 0.5)) and w.grad is None
 
 
 def test_quick_config_shrinks_every_task_and_user_overrides_win():
@@ -36,7 +47,14 @@ def test_bench_simt_quick_json(capsys):
     assert all(isinstance(v, bool) for v in result["meets_goals"].values())
     assert result["T"] == len(tasks) == 6
     singles = {f"single/{t}" for t in tasks}
-    assert set(result["median_step_s"]) == singles | {"simt", "alternating"}
+    nones = {f"single_none/{t}" for t in tasks}
+    med = result["median_step_s"]
+    assert set(med) == singles | nones | {"simt", "alternating_kept_grads", "alternating_none_grads"}
+    samples = result["step_samples_s"]
+    assert samples["alternating_kept_grads"][0] == pytest.approx(sum(samples[k][0] for k in singles))
+    assert samples["alternating_none_grads"][0] == pytest.approx(sum(samples[k][0] for k in nones))
+    assert result["simt_vs_alternating_kept_grads"] == pytest.approx(med["simt"] / med["alternating_kept_grads"])
+    assert result["simt_vs_alternating_none_grads"] == pytest.approx(med["simt"] / med["alternating_none_grads"])
     assert set(result["step_peak_bytes"]) == singles | {"simt"}
     assert all(v > 0 for v in result["median_step_s"].values())
     assert all(v > 0 for v in result["step_peak_bytes"].values())

@@ -1,6 +1,7 @@
 """Worker for the distributed gradient-equality test (run under torchrun, or alone for the reference).
 
-Builds a tiny two-task run whose tasks have disjoint fixed routes, takes three SIMT steps, and saves
+Builds a tiny two-task run whose tasks have disjoint fixed routes, takes three SIMT steps (clipped by
+the norm of the summed gradient), and saves
 every parameter's gradient of the first step as seen by the optimizer (after the cross-rank sync) from
 rank 0, and every rank's parameters after the three steps (``LegoSGD`` updates only the legos used,
 on each rank also those only the other rank's task used). Between steps the main rank alone reads
@@ -28,7 +29,7 @@ def tiny_config(planner: str, out: str):
         "model": {"backbone": "gppf_r18", "legos": 5, "active": 2, "width_mult": 0.125},  # lego 4: unused
         "tasks": [task("a", "flat") | {"route": [[0, 1]] * 8}, task("b", "textured") | {"route": [[2, 3]] * 8}],
         "train": {"steps": 3, "amp": "none", "channels_last": False, "progress": False, "warmup_steps": 0,
-                  "checkpoint_every": 0, "grad_clip": 0.0},
+                  "checkpoint_every": 0, "grad_clip": 3.0},  # norms ~6: clipping by the synced norm is tested
         "dist": {"planner": planner, "backend": "gloo"},
     }
     return load_config(base=base)

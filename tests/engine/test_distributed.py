@@ -66,3 +66,47 @@ def test_planner_groups_proportional_and_covering():
     few = plan_tasks(tasks=["a", "b", "c"], costs={"a": 4.0, "b": 2.0, "c": 2.0}, world=2, planner="groups")
     assert all(len(r) == 1 for r in few.values()) and {r[0] for r in few.values()} == {0, 1}
     assert plan_tasks(tasks=["a", "b"], costs={"a": 1, "b": 1}, world=3, planner="all") == {"a": [0, 1, 2], "b": [0, 1, 2]}
+
+
+@pytest.fixture
+def one_rank_group():
+    """A real gloo process group of one rank (its all-reduce is the identity)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_grad_sync_reduces_gradients_in_place_as_bucket_views(one_rank_group):
+    from gppf.engine.distributed import DistInfo, GradSync
+
+    conv = torch.nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
+    lin = torch.nn.Linear(4, 2)
+    params = [conv.weight, conv.bias, lin.weight, lin.bias]
+    lin.weight.grad = torch.full_like(lin.weight, 2.0)
+    sync = GradSync(params=params, info=DistInfo(rank=0, world=2), bucket_mb=1e-4)  # "two ranks": buckets
+    assert len(sync.buckets) >= 2 and sum(b.numel() for b in sync.buckets) == sum(p.numel() for p in params)
+    assert torch.equal(lin.weight.grad, torch.full_like(lin.weight, 2.0))  # existing values kept
+    assert conv.weight.grad.stride() == conv.weight.stride()  # laid out like its (channels_last) parameter
+    owners = {p.grad.untyped_storage().data_ptr() for p in params}
+    assert owners <= {b.untyped_storage().data_ptr() for b in sync.buckets}
+    conv.weight.grad.add_(1.0)  # accumulating in place writes the bucket
+    assert sync.buckets[0].sum() == conv.weight.numel()
+    lin.bias.grad = torch.tensor([3.0, 4.0])  # replaced gradient: copied into its view and re-bound
+    conv.bias.grad = None
+    sync()
+    assert torch.equal(lin.bias.grad, torch.tensor([3.0, 4.0])) and torch.equal(conv.bias.grad, torch.zeros(4))
+    assert {p.grad.untyped_storage().data_ptr() for p in params} == owners
+    assert torch.equal(conv.weight.grad, torch.ones_like(conv.weight))
+
+
+def test_grad_sync_single_process_keeps_gradients_and_builds_no_buckets():
+    from gppf.engine.distributed import DistInfo, GradSync
+
+    lin = torch.nn.Linear(4, 2)
+    sync = GradSync(params=list(lin.parameters()), info=DistInfo())
+    assert sync.buckets == [] and all(torch.equal(p.grad, torch.zeros_like(p)) for p in lin.parameters())
+    grad = lin.weight.grad
+    sync()
+    assert lin.weight.grad is grad

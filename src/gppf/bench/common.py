@@ -20,6 +20,14 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 
+CLOCKS: dict[str, Callable[[], float]] = {
+    "wall": time.perf_counter,
+    # CPU time of this process: with one compute thread, the step's own work, and far less sensitive
+    # than wall time to other processes competing for a shared machine's cores.
+    "cpu": time.process_time,
+}
+
+
 @contextlib.contextmanager
 def fixed_threads(threads: int | None) -> Iterator[int]:
     """Pin ``torch``'s intra-op thread count (``None``: keep the current one); restore it on exit."""
@@ -35,24 +43,59 @@ def fixed_threads(threads: int | None) -> Iterator[int]:
 
 
 def interleaved_times(
-    fns: Mapping[str, Callable[[], object]], *, repeats: int, warmup: int
+    fns: Mapping[str, Callable[[], object]], *, repeats: int, warmup: int,
+    setup: Mapping[str, Callable[[], object]] | None = None, clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, list[float]]:
     """Run ``warmup`` untimed rounds, then ``repeats`` timed rounds of every fn in order (A B C A B C).
 
-    Returns the per-round wall times in seconds of each fn.
+    ``setup[name]``, if given, runs untimed right before every call of ``fns[name]``. ``clock``: wall
+    time (default) or e.g. ``time.process_time`` (see ``CLOCKS``).
+    Returns the per-round times in seconds of each fn.
     """
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats}, {warmup}")
+    setup = setup or {}
     for _ in range(warmup):
-        for fn in fns.values():
+        for name, fn in fns.items():
+            if name in setup:
+                setup[name]()
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            if name in setup:
+                setup[name]()
+            t0 = clock()
             fn()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(clock() - t0)
     return times
+
+
+class Repeat:
+    """An endless iterator that returns the same batch every time (data loading excluded)."""
+
+    def __init__(self, batch: Any) -> None:
+        self.batch = batch
+
+    def __iter__(self) -> Iterator[Any]:
+        return self
+
+    def __next__(self) -> Any:
+        return self.batch
+
+
+class Stepper:
+    """Calls a ``SIMTStep`` with increasing step numbers and counts skipped (non-finite) steps."""
+
+    def __init__(self, step_fn: Callable[[int], Any]) -> None:
+        self.step_fn = step_fn
+        self.calls = 0
+        self.skipped = 0
+
+    def __call__(self) -> None:
+        result = self.step_fn(self.calls)
+        self.calls += 1
+        self.skipped += int(result.skipped)
 
 
 def medians(times: Mapping[str, list[float]]) -> dict[str, float]:

@@ -4,11 +4,21 @@ One process with the run's thread count (``train.threads``; ``--threads`` sets i
 ``build_run`` from a config (default: the built-in six-task recipe): its model, optimizer, SIMT step
 and task streams with the config's loader settings:
 
-* ``simt_vs_alternating``: median time of one SIMT step over all T tasks / median over rounds of the
-  summed times of T single-task steps (same model, optimizer and pre-fetched batches; each step is the
-  real ``SIMTStep`` restricted to one task: forward, backward, aux losses, grad sync, clip, optimizer
-  and scheduler step). Steps run interleaved (SIMT, task 1, ..., task T, SIMT, ...); data loading is
-  excluded (every stream repeats its one pre-fetched batch).
+* ``simt_vs_alternating_kept_grads``: median time of one SIMT step over all T tasks / median over
+  rounds of the summed times of T single-task steps (same model, optimizer and pre-fetched batches;
+  each step is the real ``SIMTStep`` restricted to one task: forward, backward, aux losses, gradient
+  norm, sync, clip, optimizer and scheduler step), gradients kept as zero tensors between steps as the
+  engine does. This measures *fixed-cost amortisation*: each single-task step pays the per-step costs
+  that do not shrink with the task's share of the work (router losses, the optimizer step over every
+  head and shared parameter, scheduler, host syncs) that SIMT pays once; it is not a comparison at
+  equal work per parameter.
+* ``simt_vs_alternating_none_grads``: the same SIMT step / T single-task steps that set the gradients
+  to ``None`` after each step (``zero_grad(set_to_none=True)``, PyTorch's default), so that a task's step
+  leaves other tasks' heads alone; a lego gather then allocates its full-size gradient again each
+  step. Reported, no goal.
+  Steps run interleaved (SIMT, task 1, ..., task T, task 1 (None), ..., SIMT, ...); before each step
+  the gradients are put in the state that step expects (untimed); data loading is excluded (every
+  stream repeats its one pre-fetched batch).
 * ``peak_mem_vs_largest_task``: allocator peak of one SIMT step above parameters, gradients and
   optimizer state / the largest such peak of a single-task step (after warm-up steps).
 * ``data_wait_fraction``: share of the wall time of real training steps (real ``TaskStream``s with the
@@ -32,6 +42,8 @@ from typing import Any, Iterator
 import torch
 
 from gppf.bench.common import (
+    Repeat,
+    Stepper,
     emit,
     env_info,
     fixed_threads,
@@ -42,7 +54,7 @@ from gppf.bench.common import (
 )
 
 GOALS: dict[str, float] = {
-    "simt_vs_alternating": 0.95,
+    "simt_vs_alternating_kept_grads": 0.95,
     "peak_mem_vs_largest_task": 1.3,
     "data_wait_fraction": 0.05,
 }
@@ -52,19 +64,6 @@ QUICK: dict[str, Any] = dict(repeats=2, warmup=1)
 DATA_STEPS = {"full": (3, 20), "quick": (1, 3)}  # (warm-up steps, measured steps)
 QUICK_TASK = {"batch_size": 8, "image_size": 32}  # format-agnostic; 8: reid P x K sampling needs >= 2k
 QUICK_MODEL = ["model.width_mult=0.25"]
-
-
-class Repeat:
-    """An endless iterator that returns the same batch every time (data loading excluded)."""
-
-    def __init__(self, batch: Any) -> None:
-        self.batch = batch
-
-    def __iter__(self) -> Iterator[Any]:
-        return self
-
-    def __next__(self) -> Any:
-        return self.batch
 
 
 class TimedStream:
@@ -82,20 +81,6 @@ class TimedStream:
         batch = next(self.stream)
         self.waited += time.perf_counter() - t0
         return batch
-
-
-class Stepper:
-    """Calls a ``SIMTStep`` with increasing step numbers and counts skipped (non-finite) steps."""
-
-    def __init__(self, step_fn: Any) -> None:
-        self.step_fn = step_fn
-        self.calls = 0
-        self.skipped = 0
-
-    def __call__(self) -> None:
-        result = self.step_fn(self.calls)
-        self.calls += 1
-        self.skipped += int(result.skipped)
 
 
 # ----------------------------------------------------------------------------- config and run
@@ -173,21 +158,54 @@ def timed_steps(stepper: Stepper, timed: list[TimedStream], *, steps: int) -> tu
     return walls, waits
 
 
-def fixed_batch_steppers(run: Any) -> tuple[Stepper, dict[str, Stepper]]:
-    """The SIMT step over all tasks and one single-task step per task, each on one pre-fetched batch."""
+class NoneGrads:
+    """Optimizer stand-in whose ``zero_grad`` sets every gradient to ``None`` (steps the real optimizer)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+
+    def step(self) -> None:
+        self.optimizer.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def fixed_batch_steppers(run: Any) -> tuple[Stepper, dict[str, Stepper], dict[str, Stepper]]:
+    """The SIMT step over all tasks, one single-task step per task, and one per task that sets the
+    gradients to ``None`` after its step; each on one pre-fetched batch per task."""
     batches = {name: next(stream) for name, stream in run.streams.items()}
     simt = Stepper(dataclasses.replace(run.step_fn, streams={n: Repeat(b) for n, b in batches.items()}))
     singles = {n: Stepper(dataclasses.replace(run.step_fn, streams={n: Repeat(b)})) for n, b in batches.items()}
-    return simt, singles
+    none_opt = NoneGrads(run.optimizer)
+    nones = {n: Stepper(dataclasses.replace(run.step_fn, streams={n: Repeat(b)}, optimizer=none_opt))
+             for n, b in batches.items()}
+    return simt, singles, nones
 
 
-def time_steps(simt: Stepper, singles: dict[str, Stepper], *, repeats: int, warmup: int) -> dict[str, Any]:
-    """Interleaved timing: SIMT step, then each single-task step, per round; medians and per-round sums."""
-    fns = {"simt": simt, **{f"single/{n}": s for n, s in singles.items()}}
-    samples = interleaved_times(fns, repeats=repeats, warmup=warmup)
+def grads_kept(run: Any) -> None:
+    """Every parameter owns a (zero) gradient buffer again, as the engine keeps them."""
+    for p in run.step_fn.grad_sync.params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+
+
+def time_steps(run: Any, simt: Stepper, singles: dict[str, Stepper], nones: dict[str, Stepper], *,
+               repeats: int, warmup: int) -> dict[str, Any]:
+    """Interleaved timing: SIMT step, each single-task step, each single-task step with ``None``
+    gradients, per round; medians and per-round sums of each alternating schedule."""
+    fns = {"simt": simt, **{f"single/{n}": s for n, s in singles.items()},
+           **{f"single_none/{n}": s for n, s in nones.items()}}
+    kept = lambda: grads_kept(run)  # noqa: E731
+    setup = {name: kept for name in fns if not name.startswith("single_none/")}
+    setup[f"single_none/{next(iter(nones))}"] = lambda: run.optimizer.zero_grad(set_to_none=True)
+    samples = interleaved_times(fns, repeats=repeats, warmup=warmup, setup=setup)
+    grads_kept(run)
     alternating = [sum(samples[f"single/{n}"][i] for n in singles) for i in range(repeats)]
-    return {"samples": {**samples, "alternating": alternating},
-            "median": {**medians(samples), "alternating": statistics.median(alternating)}}
+    none = [sum(samples[f"single_none/{n}"][i] for n in nones) for i in range(repeats)]
+    return {"samples": {**samples, "alternating_kept_grads": alternating, "alternating_none_grads": none},
+            "median": {**medians(samples), "alternating_kept_grads": statistics.median(alternating),
+                       "alternating_none_grads": statistics.median(none)}}
 
 
 def measure_peaks(simt: Stepper, singles: dict[str, Stepper]) -> dict[str, int]:
@@ -244,10 +262,10 @@ def measure_run(run: Any, *, repeats: int, warmup: int, threads: int, quick: boo
     """Data wait first (real streams), then interleaved fixed-batch step times, then peak memory."""
     data_warmup, data_steps = DATA_STEPS["quick" if quick else "full"]
     data = measure_data_wait(run, warmup=data_warmup, steps=data_steps)
-    simt, singles = fixed_batch_steppers(run)
-    timing = time_steps(simt, singles, repeats=repeats, warmup=warmup)
+    simt, singles, nones = fixed_batch_steppers(run)
+    timing = time_steps(run, simt, singles, nones, repeats=repeats, warmup=warmup)
     peaks = measure_peaks(simt, singles)
-    skipped = simt.skipped + sum(s.skipped for s in singles.values())
+    skipped = simt.skipped + sum(s.skipped for s in [*singles.values(), *nones.values()])
     return assemble(run, data=data, timing=timing, peaks=peaks, skipped=skipped, repeats=repeats,
                     warmup=warmup, threads=threads, quick=quick)
 
@@ -259,13 +277,14 @@ def assemble(run: Any, *, data: dict[str, Any], timing: dict[str, Any], peaks: d
     single_peaks = {k.removeprefix("single/"): v for k, v in peaks.items() if k.startswith("single/")}
     largest = max(single_peaks, key=lambda n: single_peaks[n])
     values = {
-        "simt_vs_alternating": ratio(med["simt"], med["alternating"]),
+        "simt_vs_alternating_kept_grads": ratio(med["simt"], med["alternating_kept_grads"]),
         "peak_mem_vs_largest_task": ratio(peaks["simt"], single_peaks[largest]),
         "data_wait_fraction": ratio(data["wait_s"], data["wall_s"]),
     }
     return {
         "bench": "simt",
         **values,
+        "simt_vs_alternating_none_grads": ratio(med["simt"], med["alternating_none_grads"]),
         "T": len(run.streams),
         "median_step_s": med,
         "step_samples_s": timing["samples"],

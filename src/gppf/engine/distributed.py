@@ -82,7 +82,14 @@ def plan_tasks(*, tasks: list[str], costs: dict[str, float], world: int, planner
 
 
 class GradSync:
-    """Sums every parameter's gradient over ranks in fixed flat buckets (zeros for unused params)."""
+    """Sums every parameter's gradient over ranks in fixed flat buckets (zeros for unused params).
+
+    In a single process it does nothing (no buckets, no copies): the gradients are already the sum.
+    With several ranks every gradient is a view of one of a few persistent flat buckets (laid out like
+    its parameter), so each bucket is all-reduced in place: nothing is flattened or copied back. Every
+    rank holds the same buckets in the same order and reduces all of them every step (no rank can hang).
+    A gradient that was replaced since (set to ``None`` and re-created) is copied into its view once.
+    """
 
     def __init__(self, *, params: list[nn.Parameter], info: DistInfo, bucket_mb: float = 25.0) -> None:
         self.info = info
@@ -90,26 +97,63 @@ class GradSync:
         for p in params:  # every parameter owns a gradient buffer from the start
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        self.buckets: list[list[nn.Parameter]] = []
+        self.buckets: list[Tensor] = []
+        self.views: list[list[tuple[nn.Parameter, Tensor]]] = []
+        if not info.enabled:
+            return
         limit, cur, size = bucket_mb * 2**20, [], 0
         for p in params:
+            if cur and (p.dtype != cur[0].dtype or p.device != cur[0].device):
+                self._add_bucket(cur)
+                cur, size = [], 0
             cur.append(p)
             size += p.numel() * p.element_size()
             if size >= limit:
-                self.buckets.append(cur)
+                self._add_bucket(cur)
                 cur, size = [], 0
         if cur:
-            self.buckets.append(cur)
+            self._add_bucket(cur)
+
+    def _add_bucket(self, params: list[nn.Parameter]) -> None:
+        """One flat buffer for ``params``; their gradients become views of it (values kept)."""
+        flat = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
+        views, offset = [], 0
+        for p in params:
+            view = _bucket_view(flat, p, offset)
+            view.copy_(p.grad)
+            p.grad = view
+            views.append((p, view))
+            offset += p.numel()
+        self.buckets.append(flat)
+        self.views.append(views)
 
     def __call__(self) -> None:
         if not self.info.enabled:
             return
-        for bucket in self.buckets:
-            grads = [p.grad for p in bucket]
-            flat = torch._utils._flatten_dense_tensors(grads)
+        for flat, views in zip(self.buckets, self.views):
+            for p, view in views:
+                g = p.grad
+                if g is None:
+                    view.zero_()
+                    p.grad = view
+                elif g.data_ptr() != view.data_ptr() or g.stride() != view.stride():
+                    view.copy_(g)
+                    p.grad = view
             dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-            for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-                g.copy_(synced)
+
+
+def _bucket_view(flat: Tensor, p: Tensor, offset: int) -> Tensor:
+    """``p.numel()`` elements of ``flat`` from ``offset``, shaped and strided like ``p`` when ``p`` is
+    contiguous or channels_last (dense either way), else contiguous. A tensor on the bucket's storage,
+    not an autograd view of it, so that optimizers may ``detach_()`` it in ``zero_grad``."""
+    if p.dim() == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last):
+        stride = p.stride()
+    else:
+        stride = torch.empty(p.shape, device="meta").stride()
+    out = torch.empty(0, dtype=flat.dtype, device=flat.device)
+    with torch.no_grad():
+        out.set_(flat.untyped_storage(), flat.storage_offset() + offset, p.shape, stride)
+    return out
 
 
 class BufferSync:

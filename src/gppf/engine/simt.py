@@ -11,9 +11,18 @@ Read top to bottom (``SIMTStep.__call__``):
    once, which frees the task's graph before the next task (peak memory stays near that of the
    largest single task);
 2. add the routers' auxiliary losses (once per step, split over ranks);
-3. agree over all ranks whether any loss or gradient was non-finite; if so, skip the step everywhere;
+3. one fused norm over the gradient regions this step wrote (``written_grads``: for a lego parameter
+   of a ``LegoSGD``, only the rows prepared for this step; every other row is exactly zero) tells whether
+   any gradient is non-finite (the norm is then non-finite); agree over all ranks whether any loss or
+   gradient was non-finite and, if so, skip the step everywhere;
 4. all-reduce every gradient in fixed buckets (zeros for unused legos and heads: no rank can hang);
-5. clip, optimizer step, scheduler step, zero the gradients (buffers kept for the next step).
+   nothing at all in a single process;
+5. clip by the norm of the synced gradient (in a single process the norm of step 3, so clipping costs
+   one multiply of the written regions, and only when it clips), optimizer step, scheduler step, zero
+   the gradients (buffers kept for the next step).
+
+Steps 3 and 5 thus cost in proportion to the legos a step used, not to ``N`` (in a single process;
+a weight whose legos are its input columns counts as wholly written, as ``LegoSGD`` tracks rows).
 """
 from __future__ import annotations
 
@@ -119,8 +128,10 @@ class SIMTStep:
         if aux_total.requires_grad:
             (aux_total / self.info.world).backward()
 
-        # 3. skip everywhere if any rank saw a non-finite loss or gradient
-        bad_grad = not bad_tasks and not _grads_finite(self.grad_sync.params)
+        # 3. skip everywhere if any rank saw a non-finite loss or gradient (one fused norm pass)
+        written = written_grads(self.grad_sync.params, self.optimizer)
+        norm = total_norm(written) if not bad_tasks else 0.0
+        bad_grad = not math.isfinite(norm)
         if broadcast_flag(bool(bad_tasks) or bad_grad, self.info):
             self.optimizer.zero_grad(set_to_none=False)
             return self._result(step, task_sum, count, aux, skipped=True,
@@ -129,10 +140,12 @@ class SIMTStep:
         # 4. hang-free gradient sync: every parameter, fixed buckets, same order on every rank
         self.grad_sync()
 
-        # 5. clip, step, zero
-        norm = 0.0
+        # 5. clip (by the norm of the summed gradient), step, zero
+        if self.info.enabled:  # other ranks' rows arrived: the local regions and norm no longer cover them
+            written = [p.grad for p in self.grad_sync.params if p.grad is not None]
+            norm = total_norm(written) if self.grad_clip > 0 else 0.0
         if self.grad_clip > 0:
-            norm = float(torch.nn.utils.clip_grad_norm_(self.grad_sync.params, self.grad_clip))
+            clip_(written, norm=norm, max_norm=self.grad_clip)
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
@@ -156,8 +169,36 @@ class SIMTStep:
                           skipped=skipped, bad_tasks=bad)
 
 
-def _grads_finite(params: list[nn.Parameter]) -> bool:
-    grads = [p.grad for p in params if p.grad is not None]
+def written_grads(params: list[nn.Parameter], optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The gradient regions a backward may have written since the last ``zero_grad``.
+
+    For a lego parameter of a ``LegoSGD`` (which knows the rows the step's routes use), the contiguous
+    views of those row runs (``LegoSGD.grad_regions``); for every other parameter its whole gradient.
+    Rows left out are exactly zero (``LegoSGD.zero_grad`` clears every written row), so norms and
+    scalings over the regions equal those over the full gradients, at a cost proportional to the legos
+    used. Local to this process: before a gradient sync, the rows of other ranks are not in it.
+    """
+    regions = optimizer.grad_regions if isinstance(optimizer, LegoSGD) else None
+    out: list[torch.Tensor] = []
+    for p in params:
+        if p.grad is None:
+            continue
+        views = None if regions is None else regions(p)
+        out.extend([p.grad] if views is None else views)
+    return out
+
+
+def total_norm(grads: list[torch.Tensor]) -> float:
+    """The 2-norm of all ``grads`` together (one fused ``foreach`` pass); ``inf`` / ``nan`` iff some
+    element is non-finite (or the sum of squares overflows, which no finite step survives either)."""
     if not grads:
-        return True
-    return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        return 0.0
+    return float(torch.nn.utils.get_total_norm(grads, norm_type=2.0, error_if_nonfinite=False, foreach=True))
+
+
+def clip_(grads: list[torch.Tensor], *, norm: float, max_norm: float) -> None:
+    """Scale ``grads`` in place by ``max_norm / (norm + 1e-6)`` if that is below 1
+    (``torch.nn.utils.clip_grad_norm_``'s rule with a precomputed norm)."""
+    coef = max_norm / (norm + 1e-6)
+    if coef < 1.0 and grads:
+        torch._foreach_mul_(grads, coef)

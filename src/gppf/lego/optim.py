@@ -223,6 +223,17 @@ class LegoSGD(torch.optim.Optimizer):
                 cells.prepare(mask_R)
         self._prepared = True
 
+    def grad_regions(self, param: Tensor) -> list[Tensor] | None:
+        """Contiguous views of ``param.grad`` that backward passes may have written since the last
+        ``zero_grad`` (the rows prepared since then; every other row is exactly zero), or ``None`` where
+        this optimizer does not track ``param``'s rows (then the whole gradient counts)."""
+        cells, grad = self._cells.get(id(param)), param.grad
+        if cells is None or grad is None or not grad.is_contiguous():
+            return None
+        if cells.dirty_R.all():
+            return [grad]
+        return _views(grad, row_runs(cells.dirty_R))
+
     @torch.no_grad()
     def flush(self) -> None:
         """Bring every deferred lego row up to date (parameters and momentum equal plain SGD's)."""

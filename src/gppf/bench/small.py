@@ -1,0 +1,204 @@
+"""The small-image regime of ``gppf bench lego``: whole SIMT steps of GPPF-R18 at 32 px, several tasks.
+
+At small resolution the convolutions are cheap, so every per-step pass over the stored parameters
+(non-finite check, clipping, gradient sync, zeroing, optimizer) weighs on the step time. Each variant
+is the engine's real ``SIMTStep`` (forward, backward per task, router losses, fused norm with
+non-finite check, clipping, ``LegoSGD`` step, zero_grad) on ``tasks`` classification tasks with a
+fixed random batch each (data loading excluded), stepped interleaved:
+
+* ``hard_sharing``: ``N = k`` (``active``) with one fixed route shared by every task: the dense
+  network of the same active width (the dense fast path, no gathers, no gates);
+* ``learned``: ``N = legos``, ``k = active``, learned routes (``topk_st``: straight-through gates and
+  router losses), the default estimator of the engine;
+* ``fixed``: ``N = legos``, ``k = active``, a distinct fixed route per task (no gates).
+
+``grad_pass_s`` times the per-step gradient passes alone on each variant's gradients after a real
+step's backward: ``fused_written`` is what the engine does now (one fused norm over the written
+gradient regions, which also detects non-finite values), ``per_tensor_full`` the former check (per-tensor
+``isfinite`` over every gradient, then ``clip_grad_norm_`` over every gradient).
+"""
+from __future__ import annotations
+
+import statistics
+from dataclasses import replace
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import gppf
+from gppf.bench.common import CLOCKS, Repeat, Stepper, interleaved_times, medians, peak_alloc_bytes, ratio
+from gppf.data.collate import Batch
+from gppf.engine.distributed import DistInfo, GradSync
+from gppf.engine.model import MultiTaskModel
+from gppf.engine.simt import SIMTStep, total_norm, written_grads
+from gppf.engine.weighting import StaticWeighting
+from gppf.lego.optim import LegoSGD
+
+VARIANTS = ("hard_sharing", "learned", "fixed")
+SMALL_DEFAULTS: dict[str, Any] = dict(tasks=2, batch=64, image_size=32, legos=8, active=2, classes=10)
+SMALL_QUICK: dict[str, Any] = dict(tasks=2, batch=4, image_size=32, legos=4, active=2, classes=10)
+SGD_KERNELS: dict[str, dict[str, bool | None]] = {  # LegoSGD's kernel; "default": what the trainer uses
+    "fused": dict(fused=True, foreach=None), "foreach": dict(fused=None, foreach=True),
+    "default": dict(fused=None, foreach=None)}
+OPTIM: dict[str, Any] = dict(lr=0.01, momentum=0.9, weight_decay=1e-4, router_lr_mult=10.0, grad_clip=5.0)
+
+
+class PooledClassifier(nn.Module):
+    """Linear classifier on the backbone's pooled features (the bench's task head)."""
+
+    def __init__(self, *, dim: int, classes: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(dim, classes)
+
+    def forward(self, features: Any) -> Tensor:
+        return self.fc(features.pooled)
+
+    @staticmethod
+    def loss(logits: Tensor, batch: Batch) -> Tensor:
+        return F.cross_entropy(logits.float(), batch.stacked["label"])
+
+
+def task_names(n: int) -> list[str]:
+    return [f"task{i}" for i in range(n)]
+
+
+def distinct_routes(*, tasks: list[str], layers: int, legos: int, active: int) -> dict[str, list[list[int]]]:
+    """One fixed route per task: task ``i`` takes legos ``i*k .. i*k+k-1`` (mod N) at every point."""
+    return {t: [sorted({(i * active + j) % legos for j in range(active)})] * layers for i, t in enumerate(tasks)}
+
+
+def build_model(variant: str, *, tasks: list[str], legos: int, active: int, classes: int) -> MultiTaskModel:
+    """GPPF-R18 (width 1) with one linear head per task, routed as ``variant`` says."""
+    torch.manual_seed(0)
+    n = active if variant == "hard_sharing" else legos
+    backbone = gppf.create_backbone("gppf_r18", tasks=tasks, legos=n, active=active)
+    layers = backbone.router.num_layers
+    if variant == "hard_sharing":
+        for t in tasks:
+            backbone.router.fix_route(t, [list(range(active))] * layers)
+    elif variant == "fixed":
+        for t, route in distinct_routes(tasks=tasks, layers=layers, legos=legos, active=active).items():
+            backbone.router.fix_route(t, route)
+    elif variant != "learned":
+        raise ValueError(f"unknown variant {variant!r}")
+    heads = {t: PooledClassifier(dim=backbone.pooled_dim, classes=classes) for t in tasks}
+    return MultiTaskModel(backbone=backbone, heads=heads).train().to(memory_format=torch.channels_last)
+
+
+class TimedLegoSGD(LegoSGD):
+    """The trainer's ``LegoSGD``, recording the time of its ``step`` and ``zero_grad``; ``frozen``: both
+    do nothing (gradients and the prepared rows stay, for probing the gradient passes)."""
+
+    def __init__(self, *args: Any, clock: Callable[[], float], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.clock, self.frozen = clock, False
+        self.times: dict[str, list[float]] = {"step": [], "zero_grad": []}
+
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        if self.frozen:
+            return None
+        t0 = self.clock()
+        out = super().step(closure)
+        self.times["step"].append(self.clock() - t0)
+        return out
+
+    def zero_grad(self, set_to_none: bool = False) -> None:
+        if self.frozen:
+            return
+        t0 = self.clock()
+        super().zero_grad(set_to_none=set_to_none)
+        self.times["zero_grad"].append(self.clock() - t0)
+
+    def medians(self, last: int) -> dict[str, float]:
+        return {k: statistics.median(v[-last:]) for k, v in self.times.items()}
+
+
+def build_step(variant: str, *, tasks: int, batch: int, image_size: int, legos: int, active: int,
+               classes: int, sgd: str = "fused", clock: str = "wall") -> SIMTStep:
+    """The engine's SIMT step over ``tasks`` fixed batches (SGD as the trainer builds it)."""
+    names = task_names(tasks)
+    model = build_model(variant, tasks=names, legos=legos, active=active, classes=classes)
+    groups = model.param_groups(lr=OPTIM["lr"], weight_decay=OPTIM["weight_decay"],
+                                router_lr_mult=OPTIM["router_lr_mult"])
+    optimizer = TimedLegoSGD(groups, lr=OPTIM["lr"], momentum=OPTIM["momentum"], nesterov=True,
+                             lego_params=[d.param for d in model.backbone.lego_rows()], clock=CLOCKS[clock],
+                             **SGD_KERNELS[sgd])
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    gen = torch.Generator().manual_seed(1)
+    streams = {}
+    for t in names:
+        x = torch.randn(batch, 3, image_size, image_size, generator=gen).to(memory_format=torch.channels_last)
+        y = torch.randint(0, classes, (batch,), generator=gen)
+        streams[t] = Repeat(Batch(images=x, targets=[], stacked={"label": y}))
+    info = DistInfo()
+    return SIMTStep(model=model, streams=streams, losses={t: model.heads[t].loss for t in names},
+                    global_batch={t: batch for t in names},
+                    weighting=StaticWeighting(tasks=names, static_weights={t: 1.0 for t in names}),
+                    optimizer=optimizer, scheduler=None,
+                    grad_sync=GradSync(params=params, info=info), info=info,
+                    device=torch.device("cpu"), grad_clip=OPTIM["grad_clip"], amp_dtype=torch.bfloat16,
+                    channels_last=True)
+
+
+def legacy_checks(params: list[nn.Parameter], max_norm: float) -> float:
+    """The former per-step passes: per-tensor ``isfinite`` over every gradient, then ``clip_grad_norm_``."""
+    grads = [p.grad for p in params if p.grad is not None]
+    bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+    return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+
+def grad_pass_times(stepper: Stepper, *, repeats: int, clock: Callable[[], float]) -> dict[str, float]:
+    """Median time of the fused written-region norm vs the legacy full passes on one step's gradients."""
+    step = stepper.step_fn
+    opt = step.optimizer
+    opt.frozen = True
+    replace(step, grad_clip=0.0)(stepper.calls)  # forward + backward: gradients and prepared rows stay
+    params = step.grad_sync.params
+    times: dict[str, list[float]] = {"fused_written": [], "per_tensor_full": []}
+    norms = {}
+    for _ in range(repeats):
+        t0 = clock()
+        norms["fused_written"] = total_norm(written_grads(params, opt))
+        t1 = clock()
+        norms["per_tensor_full"] = legacy_checks(params, max_norm=float("inf"))
+        t2 = clock()
+        times["fused_written"].append(t1 - t0)
+        times["per_tensor_full"].append(t2 - t1)
+    opt.frozen = False
+    opt.step()  # consume the prepared rows, as the step would have
+    opt.zero_grad(set_to_none=False)
+    out = {k: statistics.median(v) for k, v in times.items()}
+    out["norm_rel_diff"] = abs(norms["fused_written"] - norms["per_tensor_full"]) / max(norms["per_tensor_full"], 1e-30)
+    return out
+
+
+def run_small_regime(*, tasks: int, batch: int, image_size: int, legos: int, active: int, classes: int,
+                     repeats: int, warmup: int, sgd: str = "fused", clock: str = "wall") -> dict[str, Any]:
+    """Interleaved whole-SIMT-step times, step memory and gradient-pass times of the three variants."""
+    steppers = {v: Stepper(build_step(v, tasks=tasks, batch=batch, image_size=image_size, legos=legos,
+                                      active=active, classes=classes, sgd=sgd, clock=clock)) for v in VARIANTS}
+    samples = interleaved_times(steppers, repeats=repeats, warmup=warmup, clock=CLOCKS[clock])
+    med = medians(samples)
+    optimizer_s = {v: s.step_fn.optimizer.medians(repeats) for v, s in steppers.items()}
+    mem = {v: peak_alloc_bytes(s) for v, s in steppers.items()}
+    passes = {v: grad_pass_times(s, repeats=max(3, repeats), clock=CLOCKS[clock]) for v, s in steppers.items()}
+    params = {v: sum(p.numel() for p in s.step_fn.model.parameters()) for v, s in steppers.items()}
+    return {
+        "learned_vs_hard_sharing_step": ratio(med["learned"], med["hard_sharing"]),
+        "fixed_vs_hard_sharing_step": ratio(med["fixed"], med["hard_sharing"]),
+        "learned_vs_hard_sharing_act_mem": ratio(mem["learned"], mem["hard_sharing"]),
+        "median_step_s": med,
+        "step_samples_s": samples,
+        "step_act_peak_bytes": mem,
+        "median_optimizer_s": optimizer_s,
+        "grad_pass_s": passes,
+        "parameters": params,
+        "skipped_steps": sum(s.skipped for s in steppers.values()),
+        "config": dict(backbone="gppf_r18", width_mult=1.0, tasks=tasks, batch_per_task=batch,
+                       image_size=image_size, legos=legos, active=active, classes=classes, repeats=repeats,
+                       warmup=warmup, clock=clock, step="gppf.engine.simt.SIMTStep (whole step, fixed batches)",
+                       optimizer=f"LegoSGD(nesterov, {sgd} kernel, {OPTIM})", dtype="bfloat16 autocast",
+                       memory_format="channels_last"),
+    }
