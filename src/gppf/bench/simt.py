@@ -164,6 +164,17 @@ class NoneGrads:
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
         self.optimizer = optimizer
 
+    @property
+    def lazy_params(self) -> list[torch.Tensor]:
+        return getattr(self.optimizer, "lazy_params", [])
+
+    def prepare(self, used: Any) -> None:  # a LegoSGD needs the step's rows (gppf.lego.optim.RowOptimizer)
+        self.optimizer.prepare(used)
+
+    def grad_regions(self, param: torch.Tensor) -> list[torch.Tensor] | None:
+        regions = getattr(self.optimizer, "grad_regions", None)
+        return None if regions is None else regions(param)
+
     def step(self) -> None:
         self.optimizer.step()
 

@@ -39,7 +39,7 @@ from gppf.engine.model import MultiTaskModel
 from gppf.engine.weighting import LossWeighting
 from gppf.interfaces import Batch, Outputs
 from gppf.lego.layers import rows_used
-from gppf.lego.optim import LegoSGD
+from gppf.lego.optim import RowOptimizer
 from gppf.lego.router import Route
 
 
@@ -96,7 +96,7 @@ class SIMTStep:
         """Route every task of this step, and prepare a ``LegoSGD`` for the lego rows the routes use."""
         with self._autocast():
             routes = {t: self.model.backbone.router(t) for t in tasks}
-        if isinstance(self.optimizer, LegoSGD) and self.optimizer.lazy_params:
+        if isinstance(self.optimizer, RowOptimizer) and self.optimizer.lazy_params:
             declared = self.model.backbone.lego_rows()
             self.optimizer.prepare(rows_used(declared, [r.idx_LK for r in routes.values()]))
         return routes
@@ -178,7 +178,7 @@ def written_grads(params: list[nn.Parameter], optimizer: torch.optim.Optimizer) 
     scalings over the regions equal those over the full gradients, at a cost proportional to the legos
     used. Local to this process: before a gradient sync, the rows of other ranks are not in it.
     """
-    regions = optimizer.grad_regions if isinstance(optimizer, LegoSGD) else None
+    regions = optimizer.grad_regions if isinstance(optimizer, RowOptimizer) else None
     out: list[torch.Tensor] = []
     for p in params:
         if p.grad is None:

@@ -41,7 +41,7 @@ Supported: ``momentum``, ``weight_decay``, ``nesterov``, learning-rate schedules
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -162,6 +162,20 @@ class _LazyCells:
 
 
 RowMasks = Mapping[Tensor, "np.ndarray | None"]  # lego parameter -> bool mask of the rows used (None: all)
+
+
+@runtime_checkable
+class RowOptimizer(Protocol):
+    """What a training step needs of an optimizer that updates only the lego rows a step used
+    (``LegoSGD``, or a wrapper of one): the rows are declared before the forward (``prepare``), and the
+    gradient regions written since ``zero_grad`` can be listed (``grad_regions``)."""
+
+    @property
+    def lazy_params(self) -> list[Tensor]: ...
+
+    def prepare(self, used: RowMasks) -> None: ...
+
+    def grad_regions(self, param: Tensor) -> list[Tensor] | None: ...
 
 
 class LegoSGD(torch.optim.Optimizer):
