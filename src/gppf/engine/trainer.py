@@ -302,10 +302,10 @@ def train(cfg: RunConfig, *, run_dir: Path, resume: bool = False) -> dict[str, f
     logger = MetricsLogger(run_dir=run_dir, enabled=run.info.is_main, append=resume)
     progress = Progress(total=cfg.train.steps, start=run.start_step, enabled=run.info.is_main and cfg.train.progress)
     bad_streak, metrics = 0, {}
+    run.model.backbone.router.set_progress(run.start_step, cfg.train.steps)
     prev_routes = _log_router(run, logger, run.start_step, None)
     try:
         for step in range(run.start_step, cfg.train.steps):
-            run.model.backbone.router.set_progress(step, cfg.train.steps)
             t0 = time.perf_counter()
             result = run.step_fn(step)
             bad_streak = _check_bad(result, bad_streak, cfg.train.max_bad_steps, logger)
@@ -313,6 +313,7 @@ def train(cfg: RunConfig, *, run_dir: Path, resume: bool = False) -> dict[str, f
                          every=cfg.train.log_every)
             progress.update(result, seconds=time.perf_counter() - t0)
             done = step + 1
+            run.model.backbone.router.set_progress(done, cfg.train.steps)  # search phase, tau, freeze
             if done % max(cfg.train.log_every, 1) == 0 or done == cfg.train.steps:
                 prev_routes = _log_router(run, logger, done, prev_routes)
             if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < cfg.train.steps:
