@@ -76,7 +76,7 @@ class RouterConfig:
     init_std: float = 0.01
     search_until: float = 0.2
     freeze_at: float = 0.3
-    router_lr_mult: float = 1.0
+    router_lr_mult: float = 0.2
 
 
 @dataclass
