@@ -240,9 +240,11 @@ class TaskRouter(nn.Module):
         return usage
 
     def margins(self) -> dict[str, float]:
-        """Per task: mean over routing points of the k-th minus the (k+1)-th logit (decisiveness)."""
+        """Per task: mean over routing points of the k-th minus the (k+1)-th logit (decisiveness).
+
+        Empty when every lego is active (nothing to decide)."""
         if self.active >= self.num_legos:
-            return {t: math.inf for t in self.tasks}
+            return {}
         with torch.no_grad():
             top_TLK = self.logits_TLN.detach().topk(self.active + 1, dim=-1).values
             gap_T = (top_TLK[..., -2] - top_TLK[..., -1]).mean(-1)
