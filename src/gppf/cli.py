@@ -113,6 +113,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.which == "routing":
+        from gppf.bench.routing import main_routing
+
+        return main_routing(args.rest)
     if args.which == "lego":
         from gppf.bench.lego import main_lego
 
@@ -167,8 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=f"{text} (not implemented yet)")
         p.add_argument("args", nargs="*")
         p.set_defaults(func=not_implemented(name))
-    p = sub.add_parser("bench", help="benchmarks printing JSON: lego | simt")
-    p.add_argument("which", choices=["lego", "simt"])
+    p = sub.add_parser("bench", help="benchmarks printing JSON: lego | simt | routing")
+    p.add_argument("which", choices=["lego", "simt", "routing"])
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark (--json, --quick, ...)")
     p.set_defaults(func=cmd_bench)
     p = sub.add_parser("data", help="data tools: check <config> | paste ...")

@@ -71,15 +71,24 @@ class TaskConfig:
 
 @dataclass
 class RouterConfig:
-    """Task router settings (see ``gppf.lego.router``)."""
+    """Task router settings (see ``gppf.lego.router``).
 
-    mode: Literal["topk_st", "gumbel"] = "topk_st"
-    mi_weight: float = 0.01
-    balance_weight: float = 0.01
+    ``search_until``: fraction of training spent searching (``soft_topk``: every lego softly active);
+    ``freeze_at``: routes fixed from here on (a fraction of training if <= 1, else a step);
+    ``mi_weight`` / ``balance_weight``: RMS of each auxiliary loss's gradient on the logits as a fraction
+    of the task loss's (which is rescaled to RMS 1); ``router_lr_mult``: router LR = ``train.lr`` times
+    this, in logit units per unit-RMS gradient (no weight decay).
+    """
+
+    mode: Literal["soft_topk", "topk_st", "gumbel"] = "soft_topk"
+    mi_weight: float = 0.0
+    balance_weight: float = 0.0
     tau_start: float = 1.0
-    tau_end: float = 0.1
+    tau_end: float = 0.05
     init_std: float = 0.01
-    router_lr_mult: float = 10.0
+    search_until: float = 0.2
+    freeze_at: float = 0.3
+    router_lr_mult: float = 0.2
 
 
 @dataclass

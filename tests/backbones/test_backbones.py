@@ -29,9 +29,33 @@ def test_forward_backward_tiny(name):
     assert feats.pooled.shape == (2, bb.pooled_dim)
     loss = sum(p.float().mean() for p in feats.pyramid) + feats.pooled.mean()
     loss.backward()
-    assert bb.router.logits_TLN.grad is not None
-    assert torch.isfinite(bb.router.logits_TLN.grad).all()
     assert bb.forward_pooled(x, "b").shape == (2, bb.pooled_dim)
+
+
+@pytest.mark.parametrize("searching", [True, False], ids=["soft_topk_search", "topk_straight_through"])
+@pytest.mark.parametrize("name", BACKBONES.names())
+def test_task_loss_gives_router_logits_gradient_after_one_step(name, searching):
+    """A real task loss (cross-entropy through a linear head) must reach task a's logits, and only a's.
+
+    One SGD step first: zero-initialised residual branches (ResNets) block every gradient inside the
+    branch at initialisation; after one step the branch is open and the router must learn.
+    """
+    torch.manual_seed(0)
+    bb = gppf.create_backbone(name, tasks=["a", "b"], **TINY[name]).train()
+    bb.router.set_progress(0 if searching else 25, 100)  # search: steps 0-19; frozen from step 30
+    assert bb.router.searching == searching and not bb.router.frozen
+    head = torch.nn.Linear(bb.pooled_dim, 3)
+    opt = torch.optim.SGD([*bb.parameters(), *head.parameters()], lr=0.1)
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    for _ in range(2):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(head(bb.forward_pooled(x, "a")), y).backward()
+        if _ == 0:
+            opt.step()
+    grad = bb.router.logits_TLN.grad
+    assert grad[1].abs().sum() == 0  # task b did not run
+    rms_L = grad[0].pow(2).mean(-1).sqrt()  # rescaled to unit RMS wherever the loss reaches the logits
+    assert torch.allclose(rms_L, torch.ones_like(rms_L), atol=1e-4), rms_L
 
 
 def test_unknown_backbone_and_duplicate_registration():

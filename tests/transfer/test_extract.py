@@ -53,8 +53,10 @@ def test_extraction_of_non_standard_width_and_train_mode_forward_value():
     bb.eval()
     with torch.no_grad():
         torch.testing.assert_close(dense(x), bb.forward_pooled(x, "a"), atol=1e-4, rtol=1e-4)
-    # in training mode the straight-through gates are exactly 1: same output as the frozen route
+    # in training mode after the search phase the straight-through gates are exactly 1: same output
     bb.train()
+    bb.router.set_progress(25, 100)  # search over (steps 0-19), not yet frozen (step 30)
+    assert not bb.router.searching and bb.router("a").gate_LK is not None
     dense.train()
     torch.testing.assert_close(dense(x), bb.forward_pooled(x, "a"), atol=1e-4, rtol=1e-4)
 

@@ -51,12 +51,29 @@ class MetricsLogger:
         rec.update({f"aux/{k}": v for k, v in result.aux_losses.items()})
         if result.grad_norm:
             rec["grad_norm"] = result.grad_norm
+        rec.update({f"router_grad/{k}": v for k, v in getattr(result, "router_grads", {}).items()})
         self._write(rec)
         if self._tb is not None and (result.step + 1) % max(every, 1) == 0:
             for k, v in rec.items():
                 if isinstance(v, (int, float)) and k not in ("kind", "step"):
                     self._tb.add_scalar(f"train/{k}", v, result.step + 1)
             log.debug("step %d loss %.4f", result.step + 1, result.loss)
+
+    def router(self, step: int, *, churn: float | None, margins: dict[str, float],
+               routes: dict[str, list[list[int]]], frozen: bool) -> None:
+        """Route decisiveness at a log step: churn since the previous log, k/(k+1) logit margins, routes."""
+        if not self.enabled:
+            return
+        rec: dict[str, Any] = {"kind": "router", "step": step, "frozen": frozen}
+        if churn is not None:
+            rec["churn"] = churn
+        rec.update({f"margin/{t}": m for t, m in margins.items()})
+        rec["routes"] = routes
+        self._write(rec)
+        if self._tb is not None:
+            for k, v in rec.items():
+                if k == "churn" or k.startswith("margin/"):
+                    self._tb.add_scalar(f"router/{k}", v, step)
 
     def val(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled or not metrics:

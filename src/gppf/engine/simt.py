@@ -55,6 +55,7 @@ class StepResult:
     skipped: bool = False
     bad_tasks: list[str] = field(default_factory=list)
     grad_norm: float = 0.0
+    router_grads: dict[str, float] = field(default_factory=dict)  # gradient norms on the router logits
 
 
 @dataclass
@@ -123,10 +124,7 @@ class SIMTStep:
             count[task] += len(batch)
 
         # 2. router auxiliary losses, once per step (each rank adds 1/world of them)
-        aux = self.model.backbone.router.aux_losses()
-        aux_total = sum(aux.values())
-        if aux_total.requires_grad:
-            (aux_total / self.info.world).backward()
+        aux, router_grads = router_aux_backward(self.model.backbone.router, world=self.info.world)
 
         # 3. skip everywhere if any rank saw a non-finite loss or gradient (one fused norm pass)
         written = written_grads(self.grad_sync.params, self.optimizer)
@@ -151,7 +149,7 @@ class SIMTStep:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=False)
         result = self._result(step, task_sum, count, aux, skipped=False, bad=[])
-        result.grad_norm = norm
+        result.grad_norm, result.router_grads = norm, router_grads
         self.weighting.observe(result.task_losses)
         return result
 
@@ -167,6 +165,26 @@ class SIMTStep:
         return StepResult(step=step, loss=total if not skipped else math.nan, task_losses=task_losses,
                           aux_losses=aux_values, samples={t: int(scalars[f"n/{t}"]) for t in task_sum},
                           skipped=skipped, bad_tasks=bad)
+
+
+def router_aux_backward(router: nn.Module, *, world: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Add the router's auxiliary losses' gradients to its logits; return the losses and gradient norms.
+
+    Norms (this rank, before the all-reduce): ``task`` is the task losses' gradient on the logits so far,
+    ``<loss>/rel`` each auxiliary loss's gradient norm relative to it.
+    """
+    aux = router.aux_losses()
+    logits = router.logits_TLN
+    task_grad = logits.grad if logits.grad is not None else torch.zeros_like(logits)
+    stats = {"task": float(task_grad.norm())}
+    for name, value in aux.items():
+        if not value.requires_grad:
+            continue
+        (grad,) = torch.autograd.grad(value / world, logits)
+        if stats["task"] > 0:  # zero before the zero-initialised residual branches open (first step)
+            stats[f"{name}/rel"] = float(grad.norm()) / stats["task"]
+        logits.grad = grad if logits.grad is None else logits.grad.add_(grad)
+    return aux, stats
 
 
 def written_grads(params: list[nn.Parameter], optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:

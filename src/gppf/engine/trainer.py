@@ -28,6 +28,7 @@ from gppf.engine.model import MultiTaskModel
 from gppf.engine.simt import SIMTStep, StepResult
 from gppf.engine.weighting import LossWeighting, build_weighting
 from gppf.lego.optim import LegoSGD
+from gppf.lego.router import route_churn
 from gppf.tasks import Task, build_task, check_task_types
 
 
@@ -99,8 +100,9 @@ def build_tasks(cfg: RunConfig, *, feature_channels: list[int], pooled_dim: int)
 
 def build_model(cfg: RunConfig) -> MultiTaskModel:
     m = cfg.model
-    router = {"mode": m.router.mode, "mi_weight": m.router.mi_weight, "balance_weight": m.router.balance_weight,
-              "tau_start": m.router.tau_start, "tau_end": m.router.tau_end, "init_std": m.router.init_std,
+    r = m.router
+    router = {"mode": r.mode, "mi_weight": r.mi_weight, "balance_weight": r.balance_weight, "tau_start": r.tau_start,
+              "tau_end": r.tau_end, "init_std": r.init_std, "search_until": r.search_until, "freeze_at": r.freeze_at,
               "fixed_routes": {t.name: t.route for t in cfg.tasks if t.route is not None}, "seed": cfg.train.seed}
     extra = {"width_mult": m.width_mult} if m.width_mult != 1.0 else {}
     backbone = create_backbone(m.backbone, tasks=[t.name for t in cfg.tasks], legos=m.legos, active=m.active,
@@ -311,9 +313,10 @@ def train(cfg: RunConfig, *, run_dir: Path, resume: bool = False) -> dict[str, f
     logger = MetricsLogger(run_dir=run_dir, enabled=run.info.is_main, append=resume)
     progress = Progress(total=cfg.train.steps, start=run.start_step, enabled=run.info.is_main and cfg.train.progress)
     bad_streak, metrics = 0, {}
+    run.model.backbone.router.set_progress(run.start_step, cfg.train.steps)
+    prev_routes = _log_router(run, logger, run.start_step, None)
     try:
         for step in range(run.start_step, cfg.train.steps):
-            run.model.backbone.router.set_progress(step / max(1, cfg.train.steps))
             t0 = time.perf_counter()
             result = run.step_fn(step)
             bad_streak = _check_bad(result, bad_streak, cfg.train.max_bad_steps, logger)
@@ -321,6 +324,9 @@ def train(cfg: RunConfig, *, run_dir: Path, resume: bool = False) -> dict[str, f
                          every=cfg.train.log_every)
             progress.update(result, seconds=time.perf_counter() - t0)
             done = step + 1
+            run.model.backbone.router.set_progress(done, cfg.train.steps)  # search phase, tau, freeze
+            if done % max(cfg.train.log_every, 1) == 0 or done == cfg.train.steps:
+                prev_routes = _log_router(run, logger, done, prev_routes)
             if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < cfg.train.steps:
                 metrics = _eval_and_log(run, logger, done)
             if cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0:
@@ -337,6 +343,15 @@ def train(cfg: RunConfig, *, run_dir: Path, resume: bool = False) -> dict[str, f
         progress.close()
         logger.close()
     return metrics
+
+
+def _log_router(run: Run, logger: MetricsLogger, step: int, prev: dict | None) -> dict[str, list[list[int]]]:
+    """Log route churn since ``prev``, the k/(k+1) logit margins and the routes; return the routes."""
+    router = run.model.backbone.router
+    routes = router.routes()
+    logger.router(step, churn=None if prev is None else route_churn(prev, routes), margins=router.margins(),
+                  routes=routes, frozen=router.frozen)
+    return routes
 
 
 def _log_bad_samples(run: Run, logger: MetricsLogger) -> None:

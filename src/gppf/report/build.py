@@ -26,6 +26,8 @@ from matplotlib import colormaps
 from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 
+from gppf.engine.route_report import routing_section
+
 Routes = Mapping[str, Sequence[Sequence[int]]]
 
 PLOT_NAMES = ("loss.png", "val_metrics.png", "lego_usage.png", "task_affinity.png")
@@ -524,6 +526,7 @@ def write_report(run_dir: Path) -> Path:
         ("Validation metrics", _val_section(run, out)),
         ("Lego usage", usage_html),
         ("Task affinity", affinity_html),
+        ("Route decisiveness", routing_section(run_dir, out, num_legos=run.router.get("num_legos"))),
     ]
     stamp = datetime.now().strftime("%Y-%m-%d %H:%M:%S")
     page = [
