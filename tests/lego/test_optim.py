@@ -113,8 +113,9 @@ def test_step_writes_only_the_used_rows() -> None:
 @pytest.mark.parametrize("name", list(TINY))
 def test_backbone_matches_sgd_with_changing_routes(name: str) -> None:
     def make() -> nn.Module:
-        torch.manual_seed(0)
-        return gppf.create_backbone(name, tasks=["a", "b"], **TINY[name])
+        torch.manual_seed(0)  # steps 0-1: soft search (every lego used), then changing hard top-k routes
+        return gppf.create_backbone(name, tasks=["a", "b"], **TINY[name],
+                                    router={"mode": "soft_topk", "search_until": 0.3, "freeze_at": 1.0})
 
     ref, lazy = make(), make()
     hyper = dict(lr=0.01, momentum=0.9, weight_decay=1e-2, nesterov=True)
@@ -125,6 +126,7 @@ def test_backbone_matches_sgd_with_changing_routes(name: str) -> None:
     x = torch.randn(4, 3, 32, 32)
     for step in range(6):
         task = "a" if step % 3 else "b"
+        ref.router.set_progress(step, 6), lazy.router.set_progress(step, 6)
         route = lazy.router(task)
         o_lazy.prepare(rows_used(declared, [route.idx_LK]))
         for model, opt, r in ((ref, o_ref, None), (lazy, o_lazy, route)):
@@ -134,7 +136,12 @@ def test_backbone_matches_sgd_with_changing_routes(name: str) -> None:
     assert o_lazy.pending  # some legos were left unused: their updates are deferred
     o_lazy.flush()
     for (n, p_ref), p_lazy in zip(ref.named_parameters(), lazy.parameters()):
-        torch.testing.assert_close(p_lazy, p_ref, atol=1e-5, rtol=1e-4, msg=n)
+        # router logits (plain SGD in both): their gradient is rescaled to unit RMS per routing point,
+        # which lifts float-rounding differences of the two gather paths (block copies vs autograd) to
+        # ~2e-4 after 6 steps where a point's gradient is small
+        atol = 1e-3 if n.startswith("router.") else 1e-5
+        torch.testing.assert_close(p_lazy, p_ref, atol=atol, rtol=1e-4,
+                                   msg=lambda m, n=n: f"{n}: {m}")
     ref.eval(), lazy.eval()
     with torch.no_grad():
         torch.testing.assert_close(lazy.forward_pooled(x, "a"), ref.forward_pooled(x, "a"), atol=1e-4, rtol=1e-4)
@@ -144,7 +151,7 @@ def test_backbone_matches_sgd_with_changing_routes(name: str) -> None:
 def test_declared_rows_are_exactly_where_routes_put_gradient(name: str) -> None:
     """A route's gradient on every declared parameter lies inside ``rows_used`` and reaches each used lego."""
     torch.manual_seed(0)
-    bb = gppf.create_backbone(name, tasks=["a"], **TINY[name])
+    bb = gppf.create_backbone(name, tasks=["a"], **TINY[name], router={"mode": "topk_st"})  # hard k of N
     for m in bb.modules():  # undo zero-init residuals: gradient reaches every block
         if isinstance(m, nn.BatchNorm2d):
             nn.init.ones_(m.weight)
