@@ -8,7 +8,7 @@ Dense features for detection/segmentation come from a simple feature pyramid (Vi
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -190,7 +190,7 @@ class _SimplePyramid(nn.Module):
 _VIT_SIZES = {"tiny": (192, 3, 768, 6, 3), "small": (384, 6, 1536, 12, 6), "base": (768, 12, 3072, 8, 4)}
 
 
-def _make_vit(size: str):
+def _make_vit(size: str) -> Callable[..., LegoViT]:
     dim, heads, mlp_dim, default_legos, default_active = _VIT_SIZES[size]
 
     def build(*, tasks: Sequence[str], legos: int = default_legos, active: int = default_active,

@@ -7,6 +7,8 @@ the backbone's pooled features); at ``width_mult=1`` its state dict loads into
 """
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 import torchvision
 from torch import Tensor, nn
@@ -77,7 +79,7 @@ def _resnet_dense_state(backbone: LegoResNet, task: str) -> dict[str, Tensor]:
     return state
 
 
-def _named_blocks(backbone: LegoResNet):
+def _named_blocks(backbone: LegoResNet) -> Iterator[tuple[str, nn.Module]]:
     for i in range(4):
         for b, blk in enumerate(getattr(backbone, f"layer{i + 1}")):
             yield f"layer{i + 1}.{b}", blk
