@@ -23,7 +23,7 @@ def _routed_backward(*, legos: int = 8, active: int = 2) -> tuple[torch.nn.Modul
         torch.nn.init.ones_(block.bn2.weight)
     params = list(backbone.parameters())
     declared = backbone.lego_rows()
-    opt = LegoSGD(params, lr=0.1, momentum=0.9, lazy=True, lego_params=[d.param for d in declared])
+    opt = LegoSGD(params, lr=0.1, momentum=0.9, lazy=True, lego_params=declared)
     opt.zero_grad(set_to_none=False)
     for p in params:
         p.grad = torch.zeros_like(p)  # as GradSync: every parameter owns a gradient buffer

@@ -123,7 +123,7 @@ def build_step(variant: str, *, tasks: int, batch: int, image_size: int, legos: 
     groups = model.param_groups(lr=OPTIM["lr"], weight_decay=OPTIM["weight_decay"],
                                 router_lr_mult=OPTIM["router_lr_mult"])
     optimizer = TimedLegoSGD(groups, lr=OPTIM["lr"], momentum=OPTIM["momentum"], nesterov=True,
-                             lego_params=[d.param for d in model.backbone.lego_rows()], clock=CLOCKS[clock],
+                             lego_params=model.backbone.lego_rows(), clock=CLOCKS[clock],
                              **SGD_KERNELS[sgd])
     params = [p for g in optimizer.param_groups for p in g["params"]]
     gen = torch.Generator().manual_seed(1)
