@@ -160,7 +160,9 @@ def test_step_writes_only_the_used_columns() -> None:
         opt.prepare(rows_used(_cols(conv, 8, 2), [cols.idx_K[None]]))
         conv(x, in_idx=cols).square().sum().backward()
         assert not conv.weight.grad[:, ~used].any()
-        assert opt.grad_regions(conv.weight) is None  # columns: the norm reads the whole gradient
+        regions = opt.grad_regions(conv.weight)  # the two used column runs, as [out, 2 x 3 x 3] views
+        assert [g.shape for g in regions] == [(6, 18), (6, 18)]
+        assert [g.data_ptr() - conv.weight.grad.data_ptr() for g in regions] == [2 * 9 * 4, 10 * 9 * 4]
         opt.step()
         changed = (conv.weight != before).transpose(0, 1).flatten(1).any(-1)
         assert torch.equal(changed, used)  # unused column legos: not read, not written (deferred)
@@ -193,6 +195,7 @@ def test_columns_used_widely_and_up_to_date_are_updated_whole() -> None:
             opt.step()
         assert not o_lazy.pending
         torch.testing.assert_close(lazy.weight, ref.weight, atol=1e-6, rtol=1e-5)  # no flush needed
+        assert [g.data_ptr() for g in o_lazy.grad_regions(lazy.weight)] == [lazy.weight.grad.data_ptr()]  # whole
 
 
 @pytest.mark.parametrize("columns", ["strided", "auto"])

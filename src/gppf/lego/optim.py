@@ -295,12 +295,14 @@ class LegoSGD(torch.optim.Optimizer):
     def grad_regions(self, param: Tensor) -> list[Tensor] | None:
         """Views of ``param.grad`` that backward passes may have written since the last ``zero_grad``
         (the row or column runs prepared since then; every other one is exactly zero), or ``None``
-        where this optimizer does not track ``param``'s legos (then the whole gradient counts)."""
+        where this optimizer does not track ``param``'s legos (then the whole gradient counts).
+        Column runs are 2-D strided views ``[rows, run * inner]``; their norm should be taken per row
+        (``gppf.engine.simt.total_norm``): torch's norm of a whole strided view sums naively."""
         cells, grad = self._cells.get(id(param)), param.grad
-        if cells is None or grad is None or not grad.is_contiguous() or cells.dim == 1:
-            return None  # columns: torch's norm of a strided view is ~7x slower and sums naively (not exact)
-        if cells.dirty_R.all():
-            return [grad]
+        if cells is None or grad is None or not grad.is_contiguous():
+            return None
+        if cells.dirty_R.all() or (cells.dim == 1 and cells.dirty_R.mean() > _STRIDED_MAX_FRACTION):
+            return [grad]  # (strided column runs cost more per element: above 1/4, read the whole gradient)
         return cells.views(grad, row_runs(cells.dirty_R))
 
     @torch.no_grad()
