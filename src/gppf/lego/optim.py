@@ -22,11 +22,13 @@ runs when a model is read):
   forward would make reading a model change it; catching up every row each step costs what plain
   SGD costs.
 * ``step()`` runs the same fused / foreach kernel as ``torch.optim.SGD`` on contiguous views of the
-  used row runs (and on dense parameters whole). Column runs are strided views (``w[:, c0:c1]``), which
-  the fused kernel would treat as contiguous memory (wrong results), so they take four in-place
-  elementwise passes with SGD's arithmetic instead (:func:`strided_sgd`). ``zero_grad()`` clears only
-  the runs used since the last ``zero_grad``. The rows a step did not use must have no gradient there (the gather of
-  ``gppf.lego.layers`` writes only the rows it read); updating *more* rows than were used is exact.
+  used row runs (and on dense parameters whole). Column runs are strided views (``w[:, c0:c1]``),
+  which torch's fused CPU kernel silently treats as contiguous memory (wrong results), so they take
+  four elementwise passes with SGD's arithmetic (:func:`strided_sgd`); these cost more per element,
+  so a column parameter that is up to date and used above ``_STRIDED_MAX_FRACTION`` takes a whole
+  fused step instead. ``zero_grad()`` clears only the runs used since the last ``zero_grad``. The
+  rows a step did not use must have no gradient there (the gather of ``gppf.lego.layers`` writes only
+  the rows it read); updating *more* rows than were used is exact.
 * A skipped row has a zero loss gradient, so each skipped step maps its ``(w, v)`` linearly:
   ``v' = mu v + wd w``, ``w' = w - lr (wd w + mu v')`` (Nesterov) or ``w - lr v'``. ``LegoSGD`` keeps the
   product of these 2x2 maps since each earlier step (per parameter group, float64) and applies it
@@ -52,6 +54,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.optim.sgd import sgd as _functional_sgd
+
+from gppf.lego.layers import LegoRows
 
 Mat = tuple[float, float, float, float]  # row-major 2x2 map of (w, v)
 
@@ -204,7 +208,6 @@ class _LazyCells:
 
 
 RowMasks = Mapping[Tensor, "np.ndarray | None"]  # lego parameter -> bool mask of the rows used (None: all)
-Declared = Any  # a ``gppf.lego.layers.LegoRows`` (has ``param`` and ``dim``) or a bare tensor (rows)
 
 
 @runtime_checkable
@@ -221,7 +224,7 @@ class RowOptimizer(Protocol):
     def grad_regions(self, param: Tensor) -> list[Tensor] | None: ...
 
 
-def _declared_dims(lego_params: Iterable[Tensor | Declared]) -> dict[int, int]:
+def _declared_dims(lego_params: Iterable[Tensor | LegoRows]) -> dict[int, int]:
     """``id(param) -> lego dim`` of declarations (``LegoRows``) or bare tensors (rows)."""
     dims: dict[int, int] = {}
     for d in lego_params:
@@ -249,7 +252,7 @@ class LegoSGD(torch.optim.Optimizer):
         momentum: float = 0.0,
         weight_decay: float = 0.0,
         nesterov: bool = False,
-        lego_params: Iterable[Tensor | Declared] = (),
+        lego_params: Iterable[Tensor | LegoRows] = (),
         lazy: bool | None = None,
         fused: bool | None = None,
         foreach: bool | None = None,
