@@ -23,7 +23,7 @@ def _routed_backward(*, legos: int = 8, active: int = 2) -> tuple[torch.nn.Modul
         torch.nn.init.ones_(block.bn2.weight)
     params = list(backbone.parameters())
     declared = backbone.lego_rows()
-    opt = LegoSGD(params, lr=0.1, momentum=0.9, lazy=True, lego_params=[d.param for d in declared])
+    opt = LegoSGD(params, lr=0.1, momentum=0.9, lazy=True, lego_params=declared)
     opt.zero_grad(set_to_none=False)
     for p in params:
         p.grad = torch.zeros_like(p)  # as GradSync: every parameter owns a gradient buffer
@@ -44,8 +44,26 @@ def test_written_regions_are_the_used_rows_and_give_the_full_norm():
     width = conv1.shape[0] // 8
     assert [g.shape[0] for g in rows] == [width, width]
     assert conv1.grad[:width].abs().sum() == 0 and conv1.grad[width:2 * width].abs().sum() > 0
+    conv2 = backbone.layer1[0].conv2.weight  # columns: 8 legos of width 8; legos 1 and 5 used
+    cols = [g for g in regions if not g.is_contiguous()
+            and conv2.grad.data_ptr() <= g.data_ptr() < conv2.grad.data_ptr() + conv2.grad.nbytes]
+    assert [g.shape for g in cols] == [(conv2.shape[0], width * 9)] * 2
+    assert conv2.grad[:, :width].abs().sum() == 0 and cols[0].abs().sum() > 0
     written, stored = sum(g.numel() for g in regions), sum(g.numel() for g in full)
-    assert written < 0.7 * stored  # the unused legos' rows are not visited
+    assert written < 0.35 * stored  # the unused legos' rows and columns are not visited
+
+
+def test_norm_of_column_runs_is_exact_and_catches_non_finite():
+    """Strided 2-D column views are reduced per row: torch's norm of a whole strided view sums naively
+    (2.3M float32 elements: 0.26% off)."""
+    torch.manual_seed(0)
+    g = torch.randn(512, 1024, 3, 3)
+    views = [g.view(512, -1)[:, :256 * 9], g.view(512, -1)[:, 512 * 9:768 * 9]]
+    dense = torch.randn(100)
+    exact = math.sqrt(sum(float(v.double().square().sum()) for v in views) + float(dense.double().square().sum()))
+    assert total_norm(views + [dense]) == pytest.approx(exact, rel=1e-6)
+    views[1][7, 3] = math.inf
+    assert total_norm(views + [dense]) == math.inf
 
 
 def test_norm_detects_non_finite_values_in_written_rows():

@@ -110,8 +110,100 @@ def test_step_writes_only_the_used_rows() -> None:
     torch.testing.assert_close(conv.weight[~used], expected[~used])
 
 
+def _cols(layer: nn.Module, legos: int, width: int) -> list[LegoRows]:
+    """A lone lego layer whose columns (in-channels) are ``legos`` legos; its rows are dense."""
+    return [LegoRows(param=layer.weight, point=0, width=width, legos=legos, dim=1)]
+
+
+@pytest.mark.parametrize("hyper", HYPER, ids=["nesterov", "momentum", "plain", "no_decay"])
+def test_column_legos_match_sgd_step_by_step(hyper: dict) -> None:
+    ref, lazy = _twins(LegoLinear, in_features=12, out_features=5)
+    o_ref = torch.optim.SGD(ref.parameters(), **hyper)
+    o_lazy = LegoSGD(lazy.parameters(), lego_params=_cols(lazy, 4, 3), **hyper)
+    s_ref = torch.optim.lr_scheduler.StepLR(o_ref, 3, gamma=0.5)
+    s_lazy = torch.optim.lr_scheduler.StepLR(o_lazy, 3, gamma=0.5)
+    gen, x = torch.Generator().manual_seed(1), torch.randn(5, 12)
+    for _ in range(15):
+        cols = _route(gen, 4, int(torch.randint(1, 4, (1,), generator=gen)), 3)
+        o_lazy.prepare(rows_used(_cols(lazy, 4, 3), [cols.idx_K[None]]))
+        outs = []
+        for layer, opt, sched in ((ref, o_ref, s_ref), (lazy, o_lazy, s_lazy)):
+            opt.zero_grad(set_to_none=False)
+            y = layer(x[:, cols.channels()], in_idx=cols)
+            outs.append(y.detach())
+            y.square().sum().backward()
+            opt.step()
+            sched.step()
+        _close(outs[1], outs[0])
+    assert o_lazy.pending
+    o_lazy.flush()
+    for p_ref, p_lazy in zip(ref.parameters(), lazy.parameters()):
+        _close(p_lazy, p_ref)
+        if hyper["momentum"]:
+            _close(o_lazy.state[p_lazy]["momentum_buffer"], o_ref.state[p_ref]["momentum_buffer"])
+
+
+def test_step_writes_only_the_used_columns() -> None:
+    """Columns used in a fraction <= 1/4 are updated lazily (strided runs); the rest wait, bit-identical."""
+    conv = LegoConv2d(in_channels=16, out_channels=6, kernel_size=3, padding=1)
+    hyper = dict(lr=0.1, momentum=0.9, weight_decay=0.1, nesterov=True)
+    opt = LegoSGD(conv.parameters(), lego_params=_cols(conv, 8, 2), **hyper)
+    cols = LegoIndex(torch.tensor([1, 5]), 2)
+    used = torch.zeros(16, dtype=torch.bool)
+    used[cols.channels()] = True
+    x = torch.randn(2, 4, 6, 6)
+    for step in range(2):
+        before = conv.weight.detach().clone()
+        buf_before = opt.state[conv.weight].get("momentum_buffer")
+        buf_before = None if buf_before is None else buf_before.clone()
+        opt.zero_grad(set_to_none=False)
+        opt.prepare(rows_used(_cols(conv, 8, 2), [cols.idx_K[None]]))
+        conv(x, in_idx=cols).square().sum().backward()
+        assert not conv.weight.grad[:, ~used].any()
+        regions = opt.grad_regions(conv.weight)  # the two used column runs, as [out, 2 x 3 x 3] views
+        assert [g.shape for g in regions] == [(6, 18), (6, 18)]
+        assert [g.data_ptr() - conv.weight.grad.data_ptr() for g in regions] == [2 * 9 * 4, 10 * 9 * 4]
+        opt.step()
+        changed = (conv.weight != before).transpose(0, 1).flatten(1).any(-1)
+        assert torch.equal(changed, used)  # unused column legos: not read, not written (deferred)
+        if buf_before is not None:  # the momentum of unused columns is bit-identical too
+            assert torch.equal(opt.state[conv.weight]["momentum_buffer"][:, ~used], buf_before[:, ~used])
+    opt.zero_grad(set_to_none=False)
+    assert not conv.weight.grad.any()  # zero_grad cleared exactly the columns the backward wrote
+    assert opt.pending
+    weight_before_flush = conv.weight.detach().clone()
+    opt.flush()  # two skipped steps of weight decay and (zero) momentum for the unused columns
+    assert not opt.pending
+    a, b, c, _ = skipped_step_map(lr=0.1, momentum=0.9, weight_decay=0.1, nesterov=True)
+    expected = weight_before_flush * (a * a + b * c)  # v = 0 before: (w, 0) -> map^2 -> w (a^2 + b c)
+    torch.testing.assert_close(conv.weight[:, ~used], expected[:, ~used])
+    assert not opt.state[conv.weight]["momentum_buffer"][:, used].eq(0).all()
+
+
+def test_columns_used_widely_and_up_to_date_are_updated_whole() -> None:
+    """Above a fraction 1/4 (fused kernel cheaper than strided passes) an up-to-date column parameter
+    takes a whole SGD step, exactly as torch.optim.SGD, and stays up to date."""
+    ref, lazy = _twins(LegoConv2d, in_channels=8, out_channels=6, kernel_size=3, padding=1)
+    hyper = dict(lr=0.1, momentum=0.9, weight_decay=0.1, nesterov=True)
+    o_ref, o_lazy = torch.optim.SGD(ref.parameters(), **hyper), LegoSGD(lazy.parameters(), lego_params=_cols(lazy, 4, 2), **hyper)
+    cols, x = LegoIndex(torch.tensor([0, 2]), 2), torch.randn(2, 4, 6, 6)
+    for _ in range(2):
+        o_lazy.prepare(rows_used(_cols(lazy, 4, 2), [cols.idx_K[None]]))
+        for conv, opt in ((ref, o_ref), (lazy, o_lazy)):
+            opt.zero_grad(set_to_none=False)
+            conv(x, in_idx=cols).square().sum().backward()
+            opt.step()
+        assert not o_lazy.pending
+        torch.testing.assert_close(lazy.weight, ref.weight, atol=1e-6, rtol=1e-5)  # no flush needed
+        assert [g.data_ptr() for g in o_lazy.grad_regions(lazy.weight)] == [lazy.weight.grad.data_ptr()]  # whole
+
+
+@pytest.mark.parametrize("columns", ["strided", "auto"])
 @pytest.mark.parametrize("name", list(TINY))
-def test_backbone_matches_sgd_with_changing_routes(name: str) -> None:
+def test_backbone_matches_sgd_with_changing_routes(name: str, columns: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    if columns == "strided":  # every column lego lazily, whatever fraction a step uses
+        monkeypatch.setattr(gppf.lego.optim, "_STRIDED_MAX_FRACTION", 1.0)
+
     def make() -> nn.Module:
         torch.manual_seed(0)  # steps 0-1: soft search (every lego used), then changing hard top-k routes
         return gppf.create_backbone(name, tasks=["a", "b"], **TINY[name],
@@ -121,18 +213,23 @@ def test_backbone_matches_sgd_with_changing_routes(name: str) -> None:
     hyper = dict(lr=0.01, momentum=0.9, weight_decay=1e-2, nesterov=True)
     declared = lazy.lego_rows()
     o_ref = torch.optim.SGD(ref.parameters(), **hyper)
-    o_lazy = LegoSGD(lazy.parameters(), lego_params=[d.param for d in declared], **hyper)
+    o_lazy = LegoSGD(lazy.parameters(), lego_params=declared, **hyper)
     assert len(o_lazy.lazy_params) == len(declared) > 0
     x = torch.randn(4, 3, 32, 32)
+    assert {d.dim for d in declared} == {0, 1}  # lego rows and lego columns (conv2/conv3, out_proj/fc2)
     for step in range(6):
         task = "a" if step % 3 else "b"
         ref.router.set_progress(step, 6), lazy.router.set_progress(step, 6)
         route = lazy.router(task)
         o_lazy.prepare(rows_used(declared, [route.idx_LK]))
+        outs = []
         for model, opt, r in ((ref, o_ref, None), (lazy, o_lazy, route)):
             opt.zero_grad(set_to_none=False)
-            model.forward_pooled(x, task, route=r).square().mean().backward()
+            y = model.forward_pooled(x, task, route=r)
+            outs.append(y.detach())
+            y.square().mean().backward()
             opt.step()
+        torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=1e-4)  # read caught-up legos
     assert o_lazy.pending  # some legos were left unused: their updates are deferred
     o_lazy.flush()
     for (n, p_ref), p_lazy in zip(ref.named_parameters(), lazy.parameters()):
@@ -140,8 +237,11 @@ def test_backbone_matches_sgd_with_changing_routes(name: str) -> None:
         # which lifts float-rounding differences of the two gather paths (block copies vs autograd) to
         # ~2e-4 after 6 steps where a point's gradient is small
         atol = 1e-3 if n.startswith("router.") else 1e-5
-        torch.testing.assert_close(p_lazy, p_ref, atol=atol, rtol=1e-4,
-                                   msg=lambda m, n=n: f"{n}: {m}")
+        torch.testing.assert_close(p_lazy, p_ref, atol=atol, rtol=1e-4, msg=lambda m, n=n: f"{n}: {m}")
+        assert ("momentum_buffer" in o_lazy.state[p_lazy]) == ("momentum_buffer" in o_ref.state[p_ref]), n
+        if "momentum_buffer" in o_ref.state[p_ref]:  # (parameters outside forward_pooled have none)
+            torch.testing.assert_close(o_lazy.state[p_lazy]["momentum_buffer"], o_ref.state[p_ref]["momentum_buffer"],
+                                       atol=atol, rtol=1e-4, msg=lambda m, n=n: f"{n}: {m}")
     ref.eval(), lazy.eval()
     with torch.no_grad():
         torch.testing.assert_close(lazy.forward_pooled(x, "a"), ref.forward_pooled(x, "a"), atol=1e-4, rtol=1e-4)
@@ -158,12 +258,13 @@ def test_declared_rows_are_exactly_where_routes_put_gradient(name: str) -> None:
     route = bb.router("a")
     bb.forward_pooled(torch.randn(2, 3, 32, 32), "a", route=route).square().sum().backward()
     used = rows_used(bb.lego_rows(), [route.idx_LK])
+    assert {d.dim for d in bb.lego_rows()} == {0, 1}  # rows and columns are both declared
     for p, mask_R in used.items():
-        grad = p.grad.reshape(p.shape[0], -1).abs().sum(1)
+        d = next(d for d in bb.lego_rows() if d.param is p)
+        grad = p.grad.movedim(d.dim, 0).reshape(p.shape[d.dim], -1).abs().sum(1)  # per channel along dim
         assert 0 < mask_R.sum() < mask_R.size
-        assert not grad[torch.from_numpy(~mask_R)].any()
-        d = next(d for d in bb.lego_rows() if d.param is p)  # each used lego got some gradient
-        per_lego = grad.reshape(d.copies, d.legos, d.width).sum((0, 2))
+        assert not grad[torch.from_numpy(~mask_R)].any()  # no gradient outside the declared channels
+        per_lego = grad.reshape(d.copies, d.legos, d.width).sum((0, 2))  # each used lego got some gradient
         assert (per_lego[route.idx_LK[d.point]] > 0).all()
 
 
@@ -269,8 +370,16 @@ def test_rows_used_maps_routes_to_rows_of_each_copy() -> None:
     assert np.flatnonzero(used).tolist() == sorted(expected)
     with pytest.raises(ValueError, match="legos"):
         LegoRows(param=w, point=0, width=2, legos=4)
-    with pytest.raises(ValueError, match="legos"):
+    with pytest.raises(ValueError, match="lego dim 0"):
         LegoRows(param=nn.Parameter(torch.tensor(1.0)), point=0, width=1, legos=1)
+    with pytest.raises(ValueError, match="lego dim 1"):
+        LegoRows(param=nn.Parameter(torch.zeros(4)), point=0, width=1, legos=4, dim=1)
+    cols = LegoRows(param=w, point=0, width=1, legos=5, dim=1)  # the 5 columns: 5 legos of width 1
+    assert np.flatnonzero(rows_used([cols], [torch.tensor([[4, 1]])])[w]).tolist() == [1, 4]
+    with pytest.raises(ValueError, match="dims 0 and 1"):
+        rows_used([decl[0], cols], [])
+    with pytest.raises(ValueError, match="dims 0 and 1"):
+        LegoSGD([w], lr=0.1, lego_params=[w, cols])
     opt = LegoSGD([w], lr=0.1, lego_params=[w])
     with pytest.raises(ValueError, match="row mask"):
         opt.prepare({w: np.ones(5, dtype=bool)})

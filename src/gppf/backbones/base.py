@@ -48,7 +48,8 @@ class LegoBackbone(nn.Module, Generic[Trunk]):
         raise NotImplementedError
 
     def lego_rows(self) -> list[LegoRows]:
-        """Every parameter whose rows are lego channels, with the routing point that picks them.
+        """Every parameter whose rows (or, ``dim=1``, columns) are lego channels, with the routing point
+        that picks them.
 
         A training step maps its routes to the rows they use (``gppf.lego.layers.rows_used``) and tells
         its optimizer (``LegoSGD.prepare``); parameters not listed are dense. The default lists none:

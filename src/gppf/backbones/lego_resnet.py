@@ -44,13 +44,19 @@ class _LegoBlock(nn.Module):
         return LegoIndex(idx_K, self.lego_width), gate_channels(gate_K, self.lego_width)
 
     def lego_rows(self, point: int) -> list[LegoRows]:
-        """Out-channel-routed parameters: conv ``i`` and BN ``i`` rows are legos of routing point ``point + i - 1``."""
+        """Routed parameters: conv ``i`` and BN ``i`` rows are legos of routing point ``point + i - 1``;
+        the columns (in-channels) of the last conv, whose out-channels are the dense residual stream,
+        are legos of the last routing point. (Bottleneck ``conv2`` is routed on both sides: its rows
+        are declared.)"""
         out = []
         for i in range(1, self.route_points + 1):
             conv, bn = getattr(self, f"conv{i}"), getattr(self, f"bn{i}")
             params = [conv.weight, conv.bias] + ([bn.weight, bn.bias] if bn.affine else [])
             out += [LegoRows(param=p, point=point + i - 1, width=self.lego_width, legos=self.legos)
                     for p in params if p is not None]
+        last = getattr(self, f"conv{self.route_points + 1}")
+        out.append(LegoRows(param=last.weight, point=point + self.route_points - 1, width=self.lego_width,
+                            legos=self.legos, dim=1))
         return out
 
 

@@ -36,10 +36,12 @@ class LegoAttention(nn.Module):
         nn.init.zeros_(self.out_proj.bias)
 
     def lego_rows(self, point: int) -> list[LegoRows]:
-        """The in-projection rows: q, k and v channels of the lego heads (3 stacked copies)."""
+        """The in-projection rows: q, k and v channels of the lego heads (3 stacked copies); the
+        out-projection columns: the lego heads' outputs."""
         legos = self.total // self.lego_width
         return [LegoRows(param=p, point=point, width=self.lego_width, legos=legos, copies=3)
-                for p in (self.in_proj_weight, self.in_proj_bias)]
+                for p in (self.in_proj_weight, self.in_proj_bias)] + [
+            LegoRows(param=self.out_proj.weight, point=point, width=self.lego_width, legos=legos, dim=1)]
 
     def forward(self, x_BSD: Tensor, idx_K: Tensor, gate_K: Tensor | None) -> Tensor:
         legos = self.total // self.lego_width
@@ -73,9 +75,10 @@ class LegoMLP(nn.Module):
             nn.init.normal_(fc.bias, std=1e-6)
 
     def lego_rows(self, point: int) -> list[LegoRows]:
-        """The rows of ``fc1`` are the hidden (lego) units."""
+        """The rows of ``fc1`` and the columns of ``fc2`` are the hidden (lego) units."""
         legos = self.fc1.out_features // self.lego_width
-        return [LegoRows(param=p, point=point, width=self.lego_width, legos=legos) for p in (self.fc1.weight, self.fc1.bias)]
+        return [LegoRows(param=p, point=point, width=self.lego_width, legos=legos) for p in (self.fc1.weight, self.fc1.bias)] + [
+            LegoRows(param=self.fc2.weight, point=point, width=self.lego_width, legos=legos, dim=1)]
 
     def forward(self, x_BSD: Tensor, idx_K: Tensor, gate_K: Tensor | None) -> Tensor:
         ch = LegoIndex(idx_K, self.lego_width)

@@ -24,7 +24,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +34,9 @@ from torch import Tensor, nn
 
 import gppf
 from gppf.bench.common import CLOCKS, interleaved_times, medians, peak_alloc_bytes, ratio
+from gppf.lego.layers import LegoRows, rows_used
 from gppf.lego.optim import LegoSGD
+from gppf.lego.router import Route
 
 NUM_CLASSES = 1000
 SGD_KW: dict[str, Any] = dict(lr=1e-3, momentum=0.9, weight_decay=1e-4)
@@ -59,8 +61,9 @@ class MultiHead(nn.Module):
         self.parts = nn.ModuleDict(modules)
         self.heads = nn.ModuleDict({t: nn.Linear(dim, NUM_CLASSES) for t in tasks})
 
-    def forward(self, x_BCHW: Tensor, task: str) -> Tensor:
-        return self.heads[task](self.trunk_fn(x_BCHW, task))
+    def forward(self, x_BCHW: Tensor, task: str, *, route: Route | None = None) -> Tensor:
+        pooled = self.trunk_fn(x_BCHW, task) if route is None else self.trunk_fn(x_BCHW, task, route=route)
+        return self.heads[task](pooled)
 
 
 def dense_model(tasks: list[str]) -> MultiHead:
@@ -72,7 +75,8 @@ def dense_model(tasks: list[str]) -> MultiHead:
 
 def routed_model(tasks: list[str], *, legos: int, active: int) -> MultiHead:
     """GPPF-R50 (learned routes) + one head per task."""
-    backbone = gppf.create_backbone("gppf_r50", legos=legos, active=active, tasks=tasks)
+    # hard top-k with gates (the routed step after the router's search phase)
+    backbone = gppf.create_backbone("gppf_r50", legos=legos, active=active, tasks=tasks, router={"mode": "topk_st"})
     return MultiHead(trunk=backbone.forward_pooled, modules={"backbone": backbone}, dim=backbone.pooled_dim,
                      tasks=tasks)
 
@@ -92,15 +96,18 @@ class Trainee:
         clock = self.clock
         t0 = clock()
         self.opt.zero_grad(set_to_none=False)
-        fwd = bwd = 0.0
+        backbone = self.model.parts["backbone"] if "backbone" in self.model.parts else None
+        ta = clock()
+        routes = {} if backbone is None else self.route(backbone)  # counted as forward
+        fwd, bwd = clock() - ta, 0.0
         for task, (x, y) in self.batches.items():
             ta = clock()
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss = F.cross_entropy(self.model(x, task).float(), y) / len(self.batches)
+                logits = self.model(x, task, route=routes.get(task))
+                loss = F.cross_entropy(logits.float(), y) / len(self.batches)
             tb = clock()
             loss.backward()
             fwd, bwd = fwd + tb - ta, bwd + clock() - tb
-        backbone = self.model.parts["backbone"] if "backbone" in self.model.parts else None
         if backbone is not None:
             ta = clock()
             aux = sum(backbone.router.aux_losses().values())
@@ -114,18 +121,27 @@ class Trainee:
         for name, dt in zip(PHASES, (zero, fwd, bwd, t4 - t3)):
             self.phases_s.setdefault(name, []).append(dt)
 
+    def route(self, backbone: nn.Module) -> dict[str, Route]:
+        """Every task's route, drawn once up front; a ``LegoSGD`` is told the rows they use (as the
+        engine's SIMT step does)."""
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            routes = {t: backbone.router(t) for t in self.batches}
+        if isinstance(self.opt, LegoSGD) and self.opt.lazy_params:
+            self.opt.prepare(rows_used(backbone.lego_rows(), [r.idx_LK for r in routes.values()]))
+        return routes
+
     def median_phases(self, last: int) -> dict[str, float]:
         return {name: statistics.median(self.phases_s[name][-last:]) for name in PHASES}
 
 
-def make_sgd(params: Any, *, impl: SgdImpl, lazy: bool) -> torch.optim.Optimizer:
+def make_sgd(params: Any, *, impl: SgdImpl, lazy: bool, lego_params: Sequence[LegoRows] = ()) -> torch.optim.Optimizer:
     """SGD with momentum and weight decay: ``torch.optim.SGD``, or gppf's ``LegoSGD`` if ``lazy``; ``fused``
     or ``foreach`` kernels, or torch's ``default`` choice (what the trainer's ``LegoSGD`` gets today)."""
     if impl not in ("fused", "foreach", "default"):
         raise ValueError(f"unknown SGD implementation {impl!r}")
     kernels = {} if impl == "default" else dict(fused=impl == "fused", foreach=impl == "foreach")
     if lazy:
-        return LegoSGD(params, **SGD_KW, **kernels)
+        return LegoSGD(params, **SGD_KW, **kernels, lego_params=lego_params)
     return torch.optim.SGD(params, **SGD_KW, **kernels)
 
 
@@ -140,7 +156,8 @@ def make_trainee(model: MultiHead, *, tasks: list[str], batch: int, image_size: 
     for t in tasks:
         x = torch.randn(batch, 3, image_size, image_size, generator=gen).to(memory_format=torch.channels_last)
         batches[t] = (x, torch.randint(0, NUM_CLASSES, (batch,), generator=gen))
-    opt = make_sgd(model.parameters(), impl=sgd, lazy=lazy)
+    declared = model.parts["backbone"].lego_rows() if "backbone" in model.parts else []
+    opt = make_sgd(model.parameters(), impl=sgd, lazy=lazy, lego_params=declared)
     return Trainee(model=model, opt=opt, batches=batches, clock=clock)
 
 

@@ -73,7 +73,9 @@ def build_model(variant: str, *, tasks: list[str], legos: int, active: int, clas
     """GPPF-R18 (width 1) with one linear head per task, routed as ``variant`` says."""
     torch.manual_seed(0)
     n = active if variant == "hard_sharing" else legos
-    backbone = gppf.create_backbone("gppf_r18", tasks=tasks, legos=n, active=active)
+    # hard top-k with straight-through gates: the routed step after the search phase (``soft_topk``
+    # searches with every lego active, N/k x the compute, for its first steps only)
+    backbone = gppf.create_backbone("gppf_r18", tasks=tasks, legos=n, active=active, router={"mode": "topk_st"})
     layers = backbone.router.num_layers
     if variant == "hard_sharing":
         for t in tasks:
@@ -123,7 +125,7 @@ def build_step(variant: str, *, tasks: int, batch: int, image_size: int, legos: 
     groups = model.param_groups(lr=OPTIM["lr"], weight_decay=OPTIM["weight_decay"],
                                 router_lr_mult=OPTIM["router_lr_mult"])
     optimizer = TimedLegoSGD(groups, lr=OPTIM["lr"], momentum=OPTIM["momentum"], nesterov=True,
-                             lego_params=[d.param for d in model.backbone.lego_rows()], clock=CLOCKS[clock],
+                             lego_params=model.backbone.lego_rows(), clock=CLOCKS[clock],
                              **SGD_KERNELS[sgd])
     params = [p for g in optimizer.param_groups for p in g["params"]]
     gen = torch.Generator().manual_seed(1)

@@ -190,8 +190,9 @@ def router_aux_backward(router: nn.Module, *, world: int) -> tuple[dict[str, tor
 def written_grads(params: list[nn.Parameter], optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     """The gradient regions a backward may have written since the last ``zero_grad``.
 
-    For a lego parameter of a ``LegoSGD`` (which knows the rows the step's routes use), the contiguous
-    views of those row runs (``LegoSGD.grad_regions``); for every other parameter its whole gradient.
+    For a lego parameter of a ``LegoSGD`` (which knows the rows the step's routes use), the views of
+    those row runs (contiguous) or column runs (2-D strided; ``LegoSGD.grad_regions``); for every other
+    parameter its whole gradient.
     Rows left out are exactly zero (``LegoSGD.zero_grad`` clears every written row), so norms and
     scalings over the regions equal those over the full gradients, at a cost proportional to the legos
     used. Local to this process: before a gradient sync, the rows of other ranks are not in it.
@@ -211,7 +212,16 @@ def total_norm(grads: list[torch.Tensor]) -> float:
     element is non-finite (or the sum of squares overflows, which no finite step survives either)."""
     if not grads:
         return 0.0
-    return float(torch.nn.utils.get_total_norm(grads, norm_type=2.0, error_if_nonfinite=False, foreach=True))
+    rows = [g for g in grads if g.dim() == 2 and g.stride(-1) == 1 and not g.is_contiguous()]
+    if not rows:
+        return float(torch.nn.utils.get_total_norm(grads, norm_type=2.0, error_if_nonfinite=False, foreach=True))
+    # column runs of lego weights (2-D strided views, ``LegoSGD.grad_regions``): per-row norms (contiguous
+    # reductions); torch's norm of a whole strided view is several times slower and sums naively
+    rest = [g for g in grads if not (g.dim() == 2 and g.stride(-1) == 1 and not g.is_contiguous())]
+    parts = [torch.linalg.vector_norm(g, dim=-1) for g in rows]
+    if rest:
+        parts.append(torch.nn.utils.get_total_norm(rest, norm_type=2.0, error_if_nonfinite=False, foreach=True)[None])
+    return float(torch.linalg.vector_norm(torch.cat([p.float() for p in parts])))
 
 
 def clip_(grads: list[torch.Tensor], *, norm: float, max_norm: float) -> None:

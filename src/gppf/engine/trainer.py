@@ -118,7 +118,7 @@ def _optimizer(cfg: RunConfig, model: MultiTaskModel, weighting: torch.nn.Module
         groups.append({"params": extra, "weight_decay": 0.0, "lr": t.lr, "name": "loss_weighting"})
     if t.optimizer == "sgd":  # torch.optim.SGD's update; unused legos deferred and caught up exactly
         lazy = {"auto": None, "on": True, "off": False}[t.lazy_legos]
-        lego_params = [d.param for d in model.backbone.lego_rows()]  # the SIMT step prepares their rows
+        lego_params = model.backbone.lego_rows()  # the SIMT step prepares their rows and columns
         # torch's fused SGD kernel (CPU and CUDA): on CPU the default per-tensor loop took ~7x longer
         # per step at 32 px (gppf bench lego --regime r18_32px --sgd default vs fused)
         fused = all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])

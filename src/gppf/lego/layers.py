@@ -21,10 +21,10 @@ under autocast the accumulated gradient keeps the parameter's dtype. Consequence
   ``model.to(memory_format=torch.channels_last)``: the gather is a flat block copy, and optimizers
   (fused SGD on CPU re-lays out channels_last tensors) run on plain contiguous memory.
 
-Which parameters are lego parameters is declared, not registered: a model lists its row-routed
-parameters as :class:`LegoRows` (parameter, routing point, lego width, number of legos, copies), and
-:func:`rows_used` turns the routes a step runs into the rows of each such parameter those routes
-read and write. That is the whole link between a training step and a lazy optimizer
+Which parameters are lego parameters is declared, not registered: a model lists its routed
+parameters as :class:`LegoRows` (parameter, routing point, lego width, number of legos, copies, and
+the routed dim: 0 for rows, 1 for columns), and :func:`rows_used` turns the routes a step runs into
+the rows (or columns) of each such parameter those routes read and write. That is the whole link between a training step and a lazy optimizer
 (``gppf.lego.optim.LegoSGD``): this module imports no optimizer, a gather never changes a weight,
 and nothing here keeps state between calls.
 """
@@ -58,12 +58,15 @@ Index = Union[Tensor, LegoIndex]
 
 @dataclass(frozen=True, eq=False)
 class LegoRows:
-    """Declares that the rows (dim 0) of ``param`` are lego channels chosen at routing point ``point``.
+    """Declares that dim ``dim`` of ``param`` (0: rows, out-channels; 1: columns, in-channels) is made
+    of lego channels chosen at routing point ``point``.
 
-    The rows are ``copies`` stacked blocks (e.g. q, k, v: 3) of ``legos`` legos of ``width`` rows
-    each; a route choosing legos ``idx_K`` at ``point`` reads and writes rows
-    ``(idx_K + c * legos) * width + [0, width)`` of every block ``c``, and no others. Models list these
-    (``LegoBackbone.lego_rows()``); parameters that are not listed are dense (every row used).
+    Along ``dim`` there are ``copies`` stacked blocks (e.g. q, k, v: 3) of ``legos`` legos of
+    ``width`` channels each; a route choosing legos ``idx_K`` at ``point`` reads and writes channels
+    ``(idx_K + c * legos) * width + [0, width)`` of every block ``c`` along ``dim``, and no others.
+    Models list these (``LegoBackbone.lego_rows()``); parameters that are not listed are dense (every
+    channel used). A parameter routed on both sides (rows and columns) is declared once, by its rows:
+    a row a route uses is then updated whole, which is exact.
     """
 
     param: nn.Parameter
@@ -71,30 +74,38 @@ class LegoRows:
     width: int
     legos: int
     copies: int = 1
+    dim: int = 0
 
     def __post_init__(self) -> None:
-        if self.param.dim() < 1 or self.param.shape[0] != self.copies * self.legos * self.width:
+        if self.dim not in (0, 1) or self.param.dim() <= self.dim:
+            raise ValueError(f"a lego parameter of shape {tuple(self.param.shape)} has no lego dim {self.dim}")
+        if self.param.shape[self.dim] != self.copies * self.legos * self.width:
             raise ValueError(f"a lego parameter of shape {tuple(self.param.shape)} does not have "
-                             f"{self.copies} x {self.legos} legos x {self.width} rows")
+                             f"{self.copies} x {self.legos} legos x {self.width} channels along dim {self.dim}")
 
     def rows(self, idx_K: np.ndarray) -> np.ndarray:
-        """Row indices read by a route that picks legos ``idx_K`` (host ``int`` array) at ``point``."""
+        """Channel indices along ``dim`` read by a route that picks legos ``idx_K`` (host ``int`` array)."""
         ids = (idx_K[None, :] + self.legos * np.arange(self.copies)[:, None]).reshape(-1)
         return (ids[:, None] * self.width + np.arange(self.width)[None, :]).reshape(-1)
 
 
 def rows_used(declared: Iterable[LegoRows], routes_idx_LK: Iterable[Tensor]) -> dict[Tensor, np.ndarray]:
-    """Per declared parameter, the ``bool`` mask of the rows that any of these routes (``idx_LK``) uses.
+    """Per declared parameter, the ``bool`` mask (along its declared ``dim``) of the channels that any
+    of these routes (``idx_LK``) uses.
 
     One host copy per route (a device sync per route on a GPU); a parameter declared twice gets the
-    union of its masks.
+    union of its masks (declaring one parameter along two dims raises).
     """
     host = [idx.detach().cpu().numpy() for idx in routes_idx_LK]
     used: dict[Tensor, np.ndarray] = {}
+    dims: dict[int, int] = {}
     for d in declared:
+        if dims.setdefault(id(d.param), d.dim) != d.dim:
+            raise ValueError(f"a parameter of shape {tuple(d.param.shape)} is declared along dims 0 and 1: "
+                             "declare its rows only")
         mask_R = used.get(d.param)
         if mask_R is None:
-            mask_R = used[d.param] = np.zeros(d.param.shape[0], dtype=bool)
+            mask_R = used[d.param] = np.zeros(d.param.shape[d.dim], dtype=bool)
         for idx_LK in host:
             mask_R[d.rows(idx_LK[d.point])] = True
     return used

@@ -8,8 +8,10 @@ large. ``LegoSGD`` defers that work.
 The contract (all state lives in the optimizer instance; nothing is registered globally and no hook
 runs when a model is read):
 
-* ``LegoSGD(params, lego_params=...)``: the parameters whose rows (dim 0) are lego channels, as a
-  model declares them (``gppf.lego.layers.LegoRows``). Every other parameter is plain SGD.
+* ``LegoSGD(params, lego_params=...)``: the lego parameters as a model declares them
+  (``gppf.lego.layers.LegoRows``: rows, dim 0, or columns, dim 1, are lego channels; a bare tensor
+  means rows). Every other parameter is plain SGD. Below, "rows" are the lego channels along the
+  declared dim.
 * Each step, **before its forward**, the training step calls :meth:`LegoSGD.prepare` with the rows
   of each lego parameter that the step's routes use (``gppf.lego.layers.rows_used``; ``None``: the
   whole parameter). ``prepare`` brings exactly those rows up to date, so the forward reads current
@@ -20,9 +22,13 @@ runs when a model is read):
   forward would make reading a model change it; catching up every row each step costs what plain
   SGD costs.
 * ``step()`` runs the same fused / foreach kernel as ``torch.optim.SGD`` on contiguous views of the
-  used row runs (and on dense parameters whole); ``zero_grad()`` clears only rows used since the last
-  ``zero_grad``. The rows a step did not use must have no gradient there (the gather of
-  ``gppf.lego.layers`` writes only the rows it read); updating *more* rows than were used is exact.
+  used row runs (and on dense parameters whole). Column runs are strided views (``w[:, c0:c1]``),
+  which torch's fused CPU kernel silently treats as contiguous memory (wrong results), so they take
+  four elementwise passes with SGD's arithmetic (:func:`strided_sgd`); these cost more per element,
+  so a column parameter that is up to date and used above ``_STRIDED_MAX_FRACTION`` takes a whole
+  fused step instead. ``zero_grad()`` clears only the runs used since the last ``zero_grad``. The
+  rows a step did not use must have no gradient there (the gather of ``gppf.lego.layers`` writes only
+  the rows it read); updating *more* rows than were used is exact.
 * A skipped row has a zero loss gradient, so each skipped step maps its ``(w, v)`` linearly:
   ``v' = mu v + wd w``, ``w' = w - lr (wd w + mu v')`` (Nesterov) or ``w - lr v'``. ``LegoSGD`` keeps the
   product of these 2x2 maps since each earlier step (per parameter group, float64) and applies it
@@ -49,9 +55,16 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim.sgd import sgd as _functional_sgd
 
+from gppf.lego.layers import LegoRows
+
 Mat = tuple[float, float, float, float]  # row-major 2x2 map of (w, v)
 
 _GC_EVERY = 64  # steps between prunes of unused skipped-step maps
+# Column runs are strided views; on CPU (torch 2.14) SGD's four strided passes over a fraction f of a
+# conv weight cost about what the fused kernel costs over all of it at f = 1/4 (GPPF-R18 layer-4 conv2:
+# f = 1/8: 2.9 ms, 1/4: 5.5 ms, 1/2: 8.9 ms; fused whole: 5.8 ms). Above it a column parameter that is
+# up to date is updated whole (exact, and it stays up to date).
+_STRIDED_MAX_FRACTION = 0.25
 
 
 def _compose(a: Mat, b: Mat) -> Mat:
@@ -86,21 +99,45 @@ def row_runs(mask_R: np.ndarray) -> list[tuple[int, int]]:
     return list(zip(np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist()))
 
 
-def _views(t: Tensor, runs: list[tuple[int, int]]) -> list[Tensor]:
-    """Row runs of ``t`` as contiguous views."""
-    return [t[r0:r1] for r0, r1 in runs]
+def _views(t: Tensor, runs: list[tuple[int, int]], dim: int = 0) -> list[Tensor]:
+    """Runs of ``t`` along ``dim``: row runs as contiguous views, column runs of a contiguous ``t``
+    as 2-D strided views ``[rows, run * inner]`` (each row's part of a run is contiguous)."""
+    if dim == 0:
+        return [t[r0:r1] for r0, r1 in runs]
+    flat = t.view(t.shape[0], -1)
+    inner = flat.shape[1] // t.shape[1]
+    return [flat[:, c0 * inner:c1 * inner] for c0, c1 in runs]
+
+
+def strided_sgd(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor | None], *, lr: float,
+                momentum: float, weight_decay: float, nesterov: bool) -> None:
+    """``torch.optim.SGD``'s update (no dampening) on strided views, in place, one tensor at a time:
+    ``d = g + wd w``; ``v = mu v + d``; ``w -= lr (d + mu v)`` (Nesterov) or ``lr v``. ``bufs`` start
+    at zero (as ``LegoSGD`` creates them), so the first step equals SGD's ``v = d``."""
+    for w, g, v in zip(params, grads, bufs):
+        d = g.add(w, alpha=weight_decay) if weight_decay else g
+        if momentum and v is not None:
+            torch.add(d, v, alpha=momentum, out=v)
+            if not nesterov:
+                d = v
+            elif d is g:
+                d = g.add(v, alpha=momentum)
+            else:
+                d.add_(v, alpha=momentum)
+        w.add_(d, alpha=-lr)
 
 
 class _LazyCells:
     """Row bookkeeping of one lego parameter (see the module docstring), owned by one ``LegoSGD``.
 
-    The bookkeeping lives on the CPU (``numpy``, 10 bytes per row); updates run on contiguous row
-    views of the parameter, gradient and momentum buffer, so nothing is gathered or copied.
+    "Rows" are the lego channels along ``dim`` (0: rows, 1: columns). The bookkeeping lives on the
+    CPU (``numpy``, 10 bytes per row); updates run on views of the parameter, gradient and momentum
+    buffer (contiguous row runs, strided column runs), so nothing is gathered or copied.
     """
 
-    def __init__(self, param: Tensor, *, clock: _Clock, state: dict) -> None:
-        self.param, self.clock, self.state = param, clock, state
-        self.rows = param.shape[0]
+    def __init__(self, param: Tensor, *, clock: _Clock, state: dict, dim: int = 0) -> None:
+        self.param, self.clock, self.state, self.dim = param, clock, state, dim
+        self.rows = param.shape[dim]
         self.synced_R = np.full(self.rows, clock.t, dtype=np.int64)  # the step each row is at
         self.used_R = np.zeros(self.rows, dtype=bool)  # rows prepared for the coming step()
         self.dirty_R = np.zeros(self.rows, dtype=bool)  # rows whose .grad may be non-zero (since zero_grad)
@@ -116,17 +153,26 @@ class _LazyCells:
             sel_R = behind_R & (self.synced_R == s)
             a, b, c, d = self.clock.since[s]
             runs = row_runs(sel_R)
-            ws = _views(self.param.data, runs)
+            ws = self.views(self.param.data, runs)
             if buf is None:
                 torch._foreach_mul_(ws, a)
             else:
-                vs = _views(buf, runs)
+                vs = self.views(buf, runs)
                 old = torch._foreach_mul(ws, c)
                 torch._foreach_mul_(ws, a)
                 torch._foreach_add_(ws, vs, alpha=b)
                 torch._foreach_mul_(vs, d)
                 torch._foreach_add_(vs, old)
             self.synced_R[sel_R] = self.clock.t
+
+    def whole_is_cheaper(self) -> bool:
+        """Whether to update this parameter whole this step: columns that are all up to date and used
+        in a fraction above ``_STRIDED_MAX_FRACTION`` (then the fused kernel beats strided passes)."""
+        return self.dim == 1 and not self.stale and self.used_R.mean() > _STRIDED_MAX_FRACTION
+
+    def views(self, t: Tensor, runs: list[tuple[int, int]]) -> list[Tensor]:
+        """The runs of ``t`` (laid out like the parameter) along this parameter's lego dim."""
+        return _views(t, runs, self.dim)
 
     def prepare(self, mask_R: np.ndarray | None) -> None:
         """The coming step uses these rows (``None``: all): bring them up to date and remember them."""
@@ -157,7 +203,7 @@ class _LazyCells:
             elif not grad.is_contiguous() or self.dirty_R.all():
                 grad.zero_()
             elif self.dirty_R.any():
-                torch._foreach_zero_(_views(grad, row_runs(self.dirty_R)))
+                torch._foreach_zero_(self.views(grad, row_runs(self.dirty_R)))
         self.dirty_R[:] = False
 
 
@@ -178,6 +224,17 @@ class RowOptimizer(Protocol):
     def grad_regions(self, param: Tensor) -> list[Tensor] | None: ...
 
 
+def _declared_dims(lego_params: Iterable[Tensor | LegoRows]) -> dict[int, int]:
+    """``id(param) -> lego dim`` of declarations (``LegoRows``) or bare tensors (rows)."""
+    dims: dict[int, int] = {}
+    for d in lego_params:
+        p, dim = (d, 0) if isinstance(d, Tensor) else (d.param, d.dim)
+        if dims.setdefault(id(p), dim) != dim:
+            raise ValueError(f"a parameter of shape {tuple(p.shape)} is declared along dims 0 and 1: "
+                             "declare its rows only")
+    return dims
+
+
 class LegoSGD(torch.optim.Optimizer):
     """``torch.optim.SGD`` (momentum, Nesterov, weight decay) that updates only the lego rows a step used.
 
@@ -195,7 +252,7 @@ class LegoSGD(torch.optim.Optimizer):
         momentum: float = 0.0,
         weight_decay: float = 0.0,
         nesterov: bool = False,
-        lego_params: Iterable[Tensor] = (),
+        lego_params: Iterable[Tensor | LegoRows] = (),
         lazy: bool | None = None,
         fused: bool | None = None,
         foreach: bool | None = None,
@@ -207,13 +264,14 @@ class LegoSGD(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov))
         self.fused, self.foreach = fused, foreach
         self._clocks: list[_Clock] = [_Clock() for _ in self.param_groups]
-        declared = {id(p) for p in lego_params}
+        declared = _declared_dims(lego_params)
         self._cells: dict[int, _LazyCells] = {}  # id(param) -> its rows' bookkeeping
         for group, clock in zip(self.param_groups, self._clocks):
             for p in group["params"]:
                 wanted = lazy if lazy is not None else p.device.type == "cpu"
-                if wanted and id(p) in declared and p.dim() >= 1 and p.is_contiguous():
-                    self._cells[id(p)] = _LazyCells(p, clock=clock, state=self.state[p])
+                dim = declared.get(id(p))
+                if wanted and dim is not None and p.dim() > dim and p.is_contiguous():
+                    self._cells[id(p)] = _LazyCells(p, clock=clock, state=self.state[p], dim=dim)
         self._prepared = False
 
     @property
@@ -238,15 +296,17 @@ class LegoSGD(torch.optim.Optimizer):
         self._prepared = True
 
     def grad_regions(self, param: Tensor) -> list[Tensor] | None:
-        """Contiguous views of ``param.grad`` that backward passes may have written since the last
-        ``zero_grad`` (the rows prepared since then; every other row is exactly zero), or ``None`` where
-        this optimizer does not track ``param``'s rows (then the whole gradient counts)."""
+        """Views of ``param.grad`` that backward passes may have written since the last ``zero_grad``
+        (the row or column runs prepared since then; every other one is exactly zero), or ``None``
+        where this optimizer does not track ``param``'s legos (then the whole gradient counts).
+        Column runs are 2-D strided views ``[rows, run * inner]``; their norm should be taken per row
+        (``gppf.engine.simt.total_norm``): torch's norm of a whole strided view sums naively."""
         cells, grad = self._cells.get(id(param)), param.grad
         if cells is None or grad is None or not grad.is_contiguous():
             return None
-        if cells.dirty_R.all():
-            return [grad]
-        return _views(grad, row_runs(cells.dirty_R))
+        if cells.dirty_R.all() or (cells.dim == 1 and cells.dirty_R.mean() > _STRIDED_MAX_FRACTION):
+            return [grad]  # (strided column runs cost more per element: above 1/4, read the whole gradient)
+        return cells.views(grad, row_runs(cells.dirty_R))
 
     @torch.no_grad()
     def flush(self) -> None:
@@ -309,6 +369,7 @@ class LegoSGD(torch.optim.Optimizer):
         params: list[Tensor] = []
         grads: list[Tensor] = []
         bufs: list[Tensor | None] = []
+        strided: tuple[list[Tensor], list[Tensor], list[Tensor | None]] = ([], [], [])  # column runs
         updated: list[tuple[_LazyCells, np.ndarray | None]] = []
         for p in group["params"]:
             cells = self._cells.get(id(p))
@@ -320,7 +381,7 @@ class LegoSGD(torch.optim.Optimizer):
             if mom > 0 and "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             buf = state.get("momentum_buffer")
-            if cells is None or not p.grad.is_contiguous() or cells.used_R.all():
+            if cells is None or not p.grad.is_contiguous() or cells.used_R.all() or cells.whole_is_cheaper():
                 if cells is not None:
                     cells.flush()
                     updated.append((cells, None))
@@ -332,12 +393,16 @@ class LegoSGD(torch.optim.Optimizer):
                 continue
             cells.catch_up(mask_R)  # rows only another rank used were not prepared here
             updated.append((cells, mask_R))
-            for r0, r1 in row_runs(mask_R):  # contiguous views: SGD's own kernel updates them in place
-                params.append(p[r0:r1]), grads.append(p.grad[r0:r1])
-                bufs.append(None if buf is None else buf[r0:r1])
+            runs = row_runs(mask_R)
+            ps, gs = cells.views(p.detach(), runs), cells.views(p.grad, runs)
+            bs: list[Tensor | None] = [None] * len(runs) if buf is None else cells.views(buf, runs)
+            target = (params, grads, bufs) if cells.dim == 0 else strided  # rows: SGD's own kernel
+            target[0].extend(ps), target[1].extend(gs), target[2].extend(bs)
         if params:
             _functional_sgd(params, grads, bufs, foreach=self.foreach, fused=self.fused, weight_decay=wd,
                             momentum=mom, lr=lr, dampening=0.0, nesterov=nesterov, maximize=False)
+        if strided[0]:
+            strided_sgd(*strided, lr=float(lr), momentum=mom, weight_decay=wd, nesterov=nesterov)
         for cells, mask_R in updated:
             if mask_R is None:
                 cells.synced_R[:] = clock.t + 1
