@@ -26,7 +26,7 @@ from matplotlib import colormaps
 from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 
-from gppf.engine.route_report import routing_section
+from gppf.report.routes import routing_section
 
 Routes = Mapping[str, Sequence[Sequence[int]]]
 

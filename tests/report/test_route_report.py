@@ -5,7 +5,7 @@ import json
 
 
 def test_routing_section_plots_churn_margins_and_usage_over_time(tmp_path):
-    from gppf.engine.route_report import PLOTS, routing_section, usage_over_time
+    from gppf.report.routes import PLOTS, routing_section, usage_over_time
 
     routes = [{"a": [[0, 1], [0, 1]], "b": [[2, 3], [1, 2]]}, {"a": [[0, 1], [1, 2]], "b": [[2, 3], [1, 2]]}]
     recs = [{"kind": "router", "step": 0, "frozen": False, "margin/a": 0.01, "margin/b": 0.02, "routes": routes[0]},
