@@ -136,7 +136,7 @@ class Trainee:
 
 def make_sgd(params: Any, *, impl: SgdImpl, lazy: bool, lego_params: Sequence[LegoRows] = ()) -> torch.optim.Optimizer:
     """SGD with momentum and weight decay: ``torch.optim.SGD``, or gppf's ``LegoSGD`` if ``lazy``; ``fused``
-    or ``foreach`` kernels, or torch's ``default`` choice (what the trainer's ``LegoSGD`` gets today)."""
+    or ``foreach`` kernels, or torch's ``default`` choice (a per-tensor loop on CPU)."""
     if impl not in ("fused", "foreach", "default"):
         raise ValueError(f"unknown SGD implementation {impl!r}")
     kernels = {} if impl == "default" else dict(fused=impl == "fused", foreach=impl == "foreach")

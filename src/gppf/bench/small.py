@@ -39,7 +39,7 @@ from gppf.lego.optim import LegoSGD
 VARIANTS = ("hard_sharing", "learned", "fixed")
 SMALL_DEFAULTS: dict[str, Any] = dict(tasks=2, batch=64, image_size=32, legos=8, active=2, classes=10)
 SMALL_QUICK: dict[str, Any] = dict(tasks=2, batch=4, image_size=32, legos=4, active=2, classes=10)
-SGD_KERNELS: dict[str, dict[str, bool | None]] = {  # LegoSGD's kernel; "default": what the trainer uses
+SGD_KERNELS: dict[str, dict[str, bool | None]] = {  # LegoSGD's kernel; "default": torch's choice (the fused kernel is what the trainer uses)
     "fused": dict(fused=True, foreach=None), "foreach": dict(fused=None, foreach=True),
     "default": dict(fused=None, foreach=None)}
 OPTIM: dict[str, Any] = dict(lr=0.01, momentum=0.9, weight_decay=1e-4, router_lr_mult=10.0, grad_clip=5.0)
