@@ -24,7 +24,9 @@ and task streams with the config's loader settings:
 * ``data_wait_fraction``: share of the wall time of real training steps (real ``TaskStream``s with the
   config's loader settings) spent blocked in ``next(stream)``, after warm-up steps.
 
-``--quick``: tiny images, batches, width and step counts, for smoke tests.
+Routes are hard top-k with their gates (``model.router.mode=topk_st``, the step after the router's
+search phase; a later override wins). ``--quick``: tiny images, batches, width and step counts, for
+smoke tests.
 """
 from __future__ import annotations
 
@@ -92,7 +94,9 @@ def load_bench_config(*, config: str | None, overrides: list[str], quick: bool) 
     from gppf.config import load_config
 
     path = config or default_config_path()
-    base = ["train.progress=false"]
+    # hard top-k routes: the step of the 80% of training after the router's search phase (the search
+    # runs every lego, N/k x the compute, and is not what SIMT vs alternating is about)
+    base = ["train.progress=false", "model.router.mode=topk_st"]
     if quick:
         n_tasks = len(load_config(path, overrides).tasks)
         base += QUICK_MODEL + [f"tasks.{i}.{k}={v}" for i in range(n_tasks) for k, v in QUICK_TASK.items()]
