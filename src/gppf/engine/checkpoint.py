@@ -164,7 +164,7 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     _fsync(tmp)
@@ -284,7 +284,7 @@ def save_checkpoint(
     )
     _replace_dir(tmp, final)
     _fsync(root)
-    _atomic_write_text(root / "latest", final.name + "\n")
+    atomic_write_text(root / "latest", final.name + "\n")
     _prune(root, keep_last=keep_last, keep=final)
     return final
 

@@ -292,6 +292,20 @@ def _gather_positions(run: Run) -> dict[str, dict]:
     return {str(r): p for r, p in enumerate(everyone)}
 
 
+def write_task_specs(run: Run) -> None:
+    """``tasks.json``: what rebuilds each task's head and inputs without its dataset (extraction, export,
+    predict, fine-tuning): type, head constructor arguments, class names, input size, normalisation."""
+    from gppf.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    specs = {
+        name: {"type": task.cfg.type, "head_args": task.head_args, "classes": task.train_set.classes,
+               "num_classes": task.num_classes, "image_size": task.cfg.image_size,
+               "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "primary_metric": task.primary_metric}
+        for name, task in run.tasks.items()
+    }
+    ckpt.atomic_write_text(run.run_dir / "tasks.json", json.dumps(specs, indent=1))
+
+
 def _write_routes(run: Run) -> None:
     router = run.model.backbone.router
     (run.run_dir / "routes.json").write_text(json.dumps(router.routes(), indent=1))
@@ -310,6 +324,7 @@ def train(cfg: RunConfig, *, run_dir: Path, resume: bool = False) -> dict[str, f
     run = build_run(cfg, run_dir=run_dir, resume=resume)
     if run.info.is_main:
         save_config(cfg, run_dir / "config.yaml")
+        write_task_specs(run)
     logger = MetricsLogger(run_dir=run_dir, enabled=run.info.is_main, append=resume)
     progress = Progress(total=cfg.train.steps, start=run.start_step, enabled=run.info.is_main and cfg.train.progress)
     bad_streak, metrics = 0, {}

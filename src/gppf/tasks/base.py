@@ -99,13 +99,25 @@ class TaskType:
         """The user options passed to the head constructor (``extra_options`` stay with the type)."""
         return {k: v for k, v in options.items() if k not in self.extra_options}
 
-    def build_head(
+    def head_arguments(
         self, cfg: TaskConfig, *, feature_channels: list[int], pooled_dim: int, num_classes: int, dataset: Dataset
-    ) -> Head:
+    ) -> dict[str, Any]:
+        """Every keyword argument of the head's constructor (structural inputs + user options).
+
+        Stored in a run's ``tasks.json`` so the head can be rebuilt without its dataset
+        (``self.head(**args)``, see ``gppf.transfer.pretrained``).
+        """
         inputs = self.head_inputs(
             cfg, feature_channels=feature_channels, pooled_dim=pooled_dim, num_classes=num_classes, dataset=dataset
         )
-        return self.head(**inputs, **self.head_kwargs(self.options(cfg)))
+        return {**inputs, **self.head_kwargs(self.options(cfg))}
+
+    def build_head(
+        self, cfg: TaskConfig, *, feature_channels: list[int], pooled_dim: int, num_classes: int, dataset: Dataset
+    ) -> Head:
+        return self.head(**self.head_arguments(
+            cfg, feature_channels=feature_channels, pooled_dim=pooled_dim, num_classes=num_classes, dataset=dataset
+        ))
 
     def train_transform(self, cfg: TaskConfig) -> Callable:
         """``tf(image, target) -> (image, target)`` for training (used only when ``cfg.augment``)."""
@@ -256,7 +268,9 @@ class Task:
         train_set: TransformedDataset,
         val_set: TransformedDataset,
         num_classes: int,
+        head_args: Mapping[str, Any] | None = None,
     ) -> None:
+        """``head_args``: the head's constructor arguments (``TaskType.head_arguments``), when known."""
         self.name = cfg.name
         self.cfg = cfg
         self.type = type
@@ -264,6 +278,7 @@ class Task:
         self.train_set = train_set
         self.val_set = val_set
         self.num_classes = num_classes
+        self.head_args = dict(head_args or {})
         self._chance: dict[str, float] | None = None
 
     @property
@@ -339,7 +354,7 @@ def build_task(cfg: TaskConfig, *, feature_channels: list[int], pooled_dim: int)
         indices=_val_indices(len(val_raw), cfg.max_val_samples),
     )
     num_classes = int(task_type.count_classes(train_raw))
-    head = task_type.build_head(
+    head_args = task_type.head_arguments(
         cfg,
         feature_channels=list(feature_channels),
         pooled_dim=int(pooled_dim),
@@ -347,5 +362,6 @@ def build_task(cfg: TaskConfig, *, feature_channels: list[int], pooled_dim: int)
         dataset=train_raw,
     )
     return Task(
-        cfg=cfg, type=task_type, head=head, train_set=train_set, val_set=val_set, num_classes=num_classes
+        cfg=cfg, type=task_type, head=task_type.head(**head_args), train_set=train_set, val_set=val_set,
+        num_classes=num_classes, head_args=head_args,
     )
