@@ -92,6 +92,12 @@ def cmd_extract(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from gppf.transfer.predict import main_predict
+
+    return main_predict(args)
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from gppf.registry import BACKBONES, READERS, TASK_TYPES
 
@@ -167,6 +173,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", required=True)
     p.add_argument("--out", required=True, help="output .safetensors file")
     p.set_defaults(func=cmd_extract)
+    p = sub.add_parser("predict", help="run one task of a run directory or extracted model on image files")
+    p.add_argument("source", metavar="RUN_DIR|FILE", help="run directory or .safetensors of `gppf extract`")
+    p.add_argument("--task", required=True, help="task name (see the run's tasks.json)")
+    p.add_argument("images", nargs="+", metavar="IMAGES_OR_DIR", help="image files and/or directories (recursive)")
+    p.add_argument("--out", default="predictions", help="output directory (default: predictions)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
+    p.add_argument("--score-threshold", type=float, default=None,
+                   help="keep detections / mark multilabel positives / draw keypoints with score >= T")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers decoding images (default 0)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_predict)
     for name, text in (("finetune", "sparse transfer to a downstream task"), ("export", "export a dense model")):
         p = sub.add_parser(name, help=f"{text} (not implemented yet)")
         p.add_argument("args", nargs="*")
