@@ -76,19 +76,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    from safetensors.torch import save_file
+    from gppf.transfer.extract_task import extract_task_model
+    from gppf.transfer.pretrained import PretrainedError
 
-    from gppf.engine.trainer import build_run
-    from gppf.transfer.extract import extract
-
-    run_dir = Path(args.run)
-    cfg = _load(str(run_dir / "config.yaml"), [])
-    run = build_run(cfg, run_dir=run_dir, resume=True)
-    dense = extract(run.model.backbone, args.task)
+    try:
+        spec = extract_task_model(args.run, task=args.task, out=args.out)
+    except PretrainedError as exc:
+        print(f"gppf extract: error: {exc}", file=sys.stderr)
+        return 1
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in dense.state_dict().items()}, str(out))
-    print(f"wrote {type(dense).__name__} weights of task '{args.task}' to {out}")
+    tv = spec.torchvision
+    loads = f"backbone loads strictly into torchvision.models.{tv['model']}()" if tv["model"] else tv["reason"]
+    print(f"wrote task '{args.task}' ({spec.type}) to {out} + {out.with_suffix('.json')}; {loads}")
     return 0
 
 
@@ -168,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
-    p = sub.add_parser("extract", help="extract one task's route as a plain dense model (safetensors)")
+    p = sub.add_parser("extract", help="extract one task (backbone route + head) as a plain dense model + JSON sidecar")
     p.add_argument("run", help="run directory")
     p.add_argument("--task", required=True)
     p.add_argument("--out", required=True, help="output .safetensors file")

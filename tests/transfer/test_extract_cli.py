@@ -1,4 +1,4 @@
-"""`gppf extract` turns a trained run's task route into torchvision weights with identical outputs."""
+"""`gppf extract` writes a task route's backbone as torchvision weights (``backbone.*``) with identical outputs."""
 import torch
 import torchvision
 from safetensors.torch import load_file
@@ -12,7 +12,7 @@ def test_extract_cli_after_pretrain(tmp_path, tiny_cfg):
     train(cfg, run_dir=tmp_path / "run")
     out = tmp_path / "cls.safetensors"
     assert main(["extract", str(tmp_path / "run"), "--task", "cls", "--out", str(out)]) == 0
-    state = load_file(str(out))
+    state = {k[len("backbone."):]: v for k, v in load_file(str(out)).items() if k.startswith("backbone.")}
     run = build_run(cfg, run_dir=tmp_path / "run", resume=True)
     backbone = run.model.backbone.eval()
     dense = torchvision.models.resnet18()
