@@ -37,7 +37,7 @@ from gppf.transfer.pretrained import TaskSpec
 
 __all__ = [
     "PredictError", "PredictSummary", "TaskPredictor", "find_images", "load_predictor", "predict_images",
-    "preprocess_transform", "run_predict",
+    "preprocess_transform", "print_summary", "run_predict",
 ]
 
 
@@ -81,24 +81,16 @@ def load_predictor(source: Path | str, *, task: str, device: str | torch.device 
 
 
 def _file_predictor(path: Path, *, task: str, device: torch.device) -> TaskPredictor:
-    """A task model extracted by ``gppf extract`` (``gppf.load_task_model``)."""
+    """A task model extracted by ``gppf extract`` (``gppf.load_task_model``; ``FILE.json`` sidecar)."""
+    from gppf.transfer.task_model import TaskModelError, load_task_model
+
     try:
-        from gppf.transfer.task_model import load_task_model
-    except ImportError as exc:
-        raise PredictError(f"{path}: loading an extracted task model needs gppf.load_task_model ({exc})") from exc
-    model = load_task_model(path).to(device).eval()
-    spec = task_spec_of(model)
-    if task != spec.name:
-        raise _unknown_task(task, [spec.name], path)
-    return TaskPredictor(task=task, spec=spec, forward=model, head=model.head, device=device)
-
-
-def task_spec_of(model: nn.Module) -> TaskSpec:
-    """The ``TaskSpec`` of a model returned by ``gppf.load_task_model`` (from its sidecar)."""
-    spec = getattr(model, "spec", None)
-    if isinstance(spec, TaskSpec):
-        return spec
-    raise PredictError(f"{type(model).__name__} carries no task spec (expected a gppf.load_task_model model)")
+        model = load_task_model(path, device=device)
+    except TaskModelError as exc:
+        raise PredictError(str(exc)) from exc
+    if task != model.spec.name:
+        raise _unknown_task(task, [model.spec.name], path)
+    return TaskPredictor(task=task, spec=model.spec, forward=model, head=model.head, device=device)
 
 
 def find_images(inputs: Sequence[Path | str]) -> list[Path]:

@@ -133,7 +133,7 @@ class PredictionWriter:
             keep = scores >= self.threshold
             boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
         names = [self._class(int(c)) for c in labels]
-        dets = [{"box": [round(float(v), 2) for v in box], "label": n, "class_id": int(c), "score": float(s)}
+        dets = [{"box": [float(v) for v in box], "label": n, "class_id": int(c), "score": float(s)}
                 for box, n, c, s in zip(boxes, names, labels, scores)]
         if original is not None:
             texts = [f"{n} {float(s):.2f}" for n, s in zip(names, scores)]
