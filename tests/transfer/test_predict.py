@@ -206,6 +206,15 @@ def test_corrupt_files_are_named_skipped_and_counted(sharp_run, images, tmp_path
     assert {"empty" in s["reason"] for s in summary["skipped_files"] if s["file"].endswith("empty.png")} == {True}
 
 
+def test_find_images_recurses_sorted_and_once(images):
+    from gppf.transfer.predict import find_images
+
+    listed = ["a.png", "b.jpg", "bad.jpg", "empty.png", "sub/c.png", "trunc.jpg"]
+    again = [images / "sub" / ".." / "a.png", images / "notes.txt"]  # a duplicate; a file named explicitly
+    found = find_images([images, *again])
+    assert [p.relative_to(images).as_posix() for p in found] == [*listed, "notes.txt"]
+
+
 def test_user_mistakes_are_one_line_errors(sharp_run, images, tmp_path, capsys):
     base = ["predict", str(sharp_run), "--no-progress", "--out", str(tmp_path / "o")]
     assert main([*base, "--task", "nope", str(images)]) == 1

@@ -31,7 +31,7 @@ from torchvision.transforms import v2
 
 from gppf.data.collate import Batch, collate_batch
 from gppf.data.readers.common import SampleError
-from gppf.data.readers.images import is_image_file, load_rgb
+from gppf.data.readers.images import IMAGE_EXTENSIONS, is_image_file, load_rgb
 from gppf.data.transforms import build_val_transform
 from gppf.transfer.pretrained import TaskSpec
 
@@ -96,19 +96,20 @@ def _file_predictor(path: Path, *, task: str, device: torch.device) -> TaskPredi
 def find_images(inputs: Sequence[Path | str]) -> list[Path]:
     """Files named in ``inputs`` (any extension) plus the image files under each directory (recursive,
     sorted), first occurrence kept. A missing input raises ``PredictError``; so does finding nothing."""
-    found: dict[Path, None] = {}
+    found: dict[Path, Path] = {}  # resolved -> as given
     for item in map(Path, inputs):
         if item.is_dir():
             hits = sorted(p for p in item.rglob("*") if p.is_file() and is_image_file(p))
-            found.update(dict.fromkeys(hits))
         elif item.is_file():
-            found[item] = None
+            hits = [item]
         else:
             raise PredictError(f"{item}: no such file or directory")
+        for hit in hits:
+            found.setdefault(hit.resolve(), hit)
     if not found:
-        raise PredictError(f"no images found in {', '.join(map(str, inputs))} (looked for files with the "
-                           "extensions .jpg .jpeg .png .ppm .pgm .bmp .tif .tiff .webp, recursively)")
-    return list(found)
+        raise PredictError(f"no images found in {', '.join(map(str, inputs))} (looked recursively for "
+                           f"{' '.join(IMAGE_EXTENSIONS)})")
+    return list(found.values())
 
 
 def preprocess_transform(spec: TaskSpec) -> v2.Compose:
