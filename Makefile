@@ -11,7 +11,7 @@ $(VPY):
 
 $(STAMP): $(VPY) pyproject.toml constraints.txt
 	$(VPY) -m pip install -q --upgrade "pip>=23"
-	$(VPY) -m pip install -q -c constraints.txt -e ".[test]"
+	$(VPY) -m pip install -q -c constraints.txt -e ".[test,export]"
 	touch $(STAMP)
 
 install: $(STAMP)

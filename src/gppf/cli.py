@@ -91,6 +91,23 @@ def cmd_extract(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from gppf.transfer.extract_task import open_task_model
+    from gppf.transfer.pretrained import PretrainedError
+    from gppf.transfer.task_model import TaskModelError
+
+    try:
+        model = open_task_model(args.source, task=args.task)
+    except (PretrainedError, TaskModelError) as exc:
+        print(f"gppf export: error: {exc}", file=sys.stderr)
+        return 1
+    from gppf.transfer.onnx import export_onnx
+
+    names = export_onnx(model, args.onnx, opset=args.opset, dynamic_batch=args.dynamic_batch, exporter=args.exporter)
+    print(f"wrote {args.onnx}: images [B, 3, {model.spec.image_size}, {model.spec.image_size}] -> {', '.join(names)}")
+    return 0
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from gppf.transfer.predict import main_predict
 
@@ -185,7 +202,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bf16", action="store_true", help="bf16 autocast")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_predict)
-    for name, text in (("finetune", "sparse transfer to a downstream task"), ("export", "export a dense model")):
+    p = sub.add_parser("export", help="export a task model (run dir or extracted file) to ONNX")
+    p.add_argument("source", help="run directory or extracted FILE.safetensors")
+    p.add_argument("--task", help="task name (required for a run directory)")
+    p.add_argument("--onnx", required=True, help="output .onnx file")
+    p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--dynamic-batch", action="store_true", help="symbolic batch dimension (default: batch 1)")
+    p.add_argument("--exporter", choices=["dynamo", "torchscript"], default="dynamo")
+    p.set_defaults(func=cmd_export)
+    for name, text in (("finetune", "sparse transfer to a downstream task"),):
         p = sub.add_parser(name, help=f"{text} (not implemented yet)")
         p.add_argument("args", nargs="*")
         p.set_defaults(func=not_implemented(name))

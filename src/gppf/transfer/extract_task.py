@@ -11,6 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from gppf.backbones.lego_resnet import LegoBottleneck, LegoResNet
@@ -18,9 +19,10 @@ from gppf.backbones.lego_vit import LegoViT
 from gppf.transfer.extract import resnet_dense_state
 from gppf.transfer.extract_vit import vit_dense_state
 from gppf.transfer.pretrained import Pretrained, PretrainedError, TaskSpec, load_pretrained
-from gppf.transfer.task_model import FORMAT, VERSION, TaskModelSpec, sidecar_path
+from gppf.transfer.task_model import (FORMAT, VERSION, TaskModel, TaskModelError, TaskModelSpec, assemble_task_model,
+                                      load_task_model, sidecar_path)
 
-__all__ = ["extract_task_model", "task_model_tensors", "torchvision_match"]
+__all__ = ["extract_task_model", "open_task_model", "task_model_from_run", "task_model_spec", "task_model_tensors", "torchvision_match"]
 
 _TV_RESNETS = {("basic", (2, 2, 2, 2)): "resnet18", ("basic", (3, 4, 6, 3)): "resnet34",
                ("bottleneck", (3, 4, 6, 3)): "resnet50", ("bottleneck", (3, 4, 23, 3)): "resnet101",
@@ -106,6 +108,16 @@ def task_model_spec(spec: TaskSpec, arch: dict[str, Any], *, source: dict[str, A
                          torchvision=torchvision_match(arch), source=source)
 
 
+def _run_task(run_dir: Path | str, task: str, pretrained: Pretrained | None) -> tuple[dict[str, Tensor], TaskModelSpec]:
+    loaded = pretrained or load_pretrained(run_dir)
+    if task not in loaded.specs or task not in loaded.model.heads:
+        raise PretrainedError(f"{loaded.run_dir / 'tasks.json'}: no task '{task}' (tasks: {sorted(loaded.specs)})")
+    tensors, arch = task_model_tensors(loaded.model, task)
+    arch["name"] = loaded.cfg.model.backbone
+    source = {"run_dir": str(Path(loaded.run_dir).resolve()), "step": loaded.step, "task": task}
+    return tensors, task_model_spec(loaded.specs[task], arch, source=source)
+
+
 def extract_task_model(run_dir: Path | str, *, task: str, out: Path | str,
                        pretrained: Pretrained | None = None) -> TaskModelSpec:
     """Write ``out`` (weights) and its sidecar ``out.with_suffix('.json')`` for ``task`` of ``run_dir``."""
@@ -113,15 +125,29 @@ def extract_task_model(run_dir: Path | str, *, task: str, out: Path | str,
 
     from gppf.engine.checkpoint import atomic_write_text
 
-    loaded = pretrained or load_pretrained(run_dir)
-    if task not in loaded.specs or task not in loaded.model.heads:
-        raise PretrainedError(f"{loaded.run_dir / 'tasks.json'}: no task '{task}' (tasks: {sorted(loaded.specs)})")
-    tensors, arch = task_model_tensors(loaded.model, task)
-    arch["name"] = loaded.cfg.model.backbone
-    source = {"run_dir": str(Path(loaded.run_dir).resolve()), "step": loaded.step, "task": task}
-    spec = task_model_spec(loaded.specs[task], arch, source=source)
+    tensors, spec = _run_task(run_dir, task, pretrained)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out), metadata={"format": FORMAT, "task": task})
     atomic_write_text(sidecar_path(out), spec.to_json() + "\n")
     return spec
+
+
+def task_model_from_run(run_dir: Path | str, *, task: str, pretrained: Pretrained | None = None) -> TaskModel:
+    """The ``TaskModel`` of ``task`` straight from a run directory (what extract + load give, no file)."""
+    tensors, spec = _run_task(run_dir, task, pretrained)
+    return assemble_task_model(spec, tensors, where=Path(run_dir), sidecar=Path(run_dir) / "tasks.json")
+
+
+def open_task_model(source: Path | str, *, task: str | None = None, device: str | torch.device = "cpu") -> TaskModel:
+    """``source``: a run directory (``task`` required) or an extracted ``FILE.safetensors`` (``task``, when
+    given, must be the file's task). ``PretrainedError`` / ``TaskModelError`` name what is wrong."""
+    source = Path(source)
+    if source.is_dir():
+        if not task:
+            raise PretrainedError(f"{source}: a run directory needs --task (tasks.json lists them)")
+        return task_model_from_run(source, task=task).to(device)
+    model = load_task_model(source, device=device)
+    if task and task != model.spec.name:
+        raise TaskModelError(f"{sidecar_path(source)}: holds task '{model.spec.name}', not '{task}'")
+    return model

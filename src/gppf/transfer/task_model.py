@@ -22,7 +22,7 @@ from gppf.interfaces import Features, Outputs
 from gppf.transfer.pretrained import TaskSpec, build_head
 
 __all__ = ["FORMAT", "ResNetTrunk", "TaskModel", "TaskModelError", "TaskModelSpec", "ViTTrunk",
-           "load_task_model", "read_sidecar", "sidecar_path"]
+           "assemble_task_model", "load_task_model", "read_sidecar", "sidecar_path"]
 
 FORMAT, VERSION = "gppf-task-model", 1
 
@@ -268,16 +268,22 @@ def load_task_model(path: Path | str, *, device: str | torch.device = "cpu") -> 
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as exc:
         raise TaskModelError(f"{path}: not a safetensors file ({exc})") from exc
+    return assemble_task_model(spec, tensors, where=path, sidecar=side).to(device)
+
+
+def assemble_task_model(spec: TaskModelSpec, tensors: dict[str, Tensor], *, where: Path | str = "<tensors>",
+                        sidecar: Path | str = "<sidecar>") -> TaskModel:
+    """The ``TaskModel`` (eval mode) of ``spec`` holding ``tensors`` (``backbone.*`` / ``head.*`` keys)."""
     parts: dict[str, dict[str, Tensor]] = {"backbone": {}, "head": {}}
     for key, value in tensors.items():
         prefix, _, rest = key.partition(".")
         if prefix not in parts:
-            raise TaskModelError(f"{path}: unexpected key '{key}' (expected backbone.* and head.*)")
+            raise TaskModelError(f"{where}: unexpected key '{key}' (expected backbone.* and head.*)")
         parts[prefix][rest] = value
-    trunk, head = build_trunk(spec), _build_head(spec, side)
+    trunk, head = build_trunk(spec), _build_head(spec, Path(sidecar))
     for name, module in (("backbone", trunk), ("head", head)):
         try:
             module.load_state_dict(parts[name], strict=True, assign=name == "backbone")
         except RuntimeError as exc:
-            raise TaskModelError(f"{path}: '{name}' weights do not match the architecture in {side}: {exc}") from exc
-    return TaskModel(backbone=trunk, head=head, spec=spec).to(device).eval()
+            raise TaskModelError(f"{where}: '{name}' weights do not match the architecture in {sidecar}: {exc}") from exc
+    return TaskModel(backbone=trunk, head=head, spec=spec).eval()
