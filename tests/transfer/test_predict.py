@@ -206,6 +206,26 @@ def test_corrupt_files_are_named_skipped_and_counted(sharp_run, images, tmp_path
     assert {"empty" in s["reason"] for s in summary["skipped_files"] if s["file"].endswith("empty.png")} == {True}
 
 
+def test_grey_and_rgba_images_are_read_as_rgb(sharp_run, images, tmp_path):
+    folder = tmp_path / "modes"
+    folder.mkdir()
+    rgb = Image.open(images / "a.png").convert("RGB")
+    grey = rgb.convert("L")
+    grey.save(folder / "grey.png")
+    grey.convert("RGB").save(folder / "grey_as_rgb.png")
+    rgba = rgb.copy()
+    rgba.putalpha(128)
+    rgba.save(folder / "rgba.png")
+    rgb.save(folder / "rgb.png")
+    records = {Path(r["file"]).name: r for r in _predict(sharp_run, "reid", folder, tmp_path / "out")}
+    emb = np.load(tmp_path / "out" / "embeddings.npy")
+    row = {name: emb[r["embedding_row"]] for name, r in records.items()}
+    assert len(records) == 4
+    np.testing.assert_allclose(row["grey.png"], row["grey_as_rgb.png"], atol=1e-6)
+    np.testing.assert_allclose(row["rgba.png"], row["rgb.png"], atol=1e-6)  # alpha dropped, colours kept
+    assert float(np.abs(row["grey.png"] - row["rgb.png"]).max()) > 1e-3  # colour matters to the model
+
+
 def test_find_images_recurses_sorted_and_once(images):
     from gppf.transfer.predict import find_images
 
