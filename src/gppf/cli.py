@@ -93,18 +93,19 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from gppf.transfer.extract_task import open_task_model
+    from gppf.transfer.onnx import export_onnx
     from gppf.transfer.pretrained import PretrainedError
     from gppf.transfer.task_model import TaskModelError
 
     try:
         model = open_task_model(args.source, task=args.task)
-    except (PretrainedError, TaskModelError) as exc:
+        names = export_onnx(model, args.onnx, opset=args.opset, dynamic_batch=args.dynamic_batch,
+                            exporter=args.exporter)
+    except (PretrainedError, TaskModelError, ImportError) as exc:
         print(f"gppf export: error: {exc}", file=sys.stderr)
         return 1
-    from gppf.transfer.onnx import export_onnx
-
-    names = export_onnx(model, args.onnx, opset=args.opset, dynamic_batch=args.dynamic_batch, exporter=args.exporter)
-    print(f"wrote {args.onnx}: images [B, 3, {model.spec.image_size}, {model.spec.image_size}] -> {', '.join(names)}")
+    size = model.spec.image_size
+    print(f"wrote {args.onnx}: images [B, 3, {size}, {size}] -> {', '.join(names)}")
     return 0
 
 
