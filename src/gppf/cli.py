@@ -188,9 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="run directory or extracted FILE.safetensors")
     p.add_argument("--task", help="task name (required for a run directory)")
     p.add_argument("--onnx", required=True, help="output .onnx file")
-    p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
     p.add_argument("--dynamic-batch", action="store_true", help="symbolic batch dimension (default: batch 1)")
-    p.add_argument("--exporter", choices=["dynamo", "torchscript"], default="dynamo")
+    p.add_argument("--exporter", choices=["dynamo", "torchscript"], default="dynamo",
+                   help="torch.export-based (default) or the legacy, faster TorchScript tracer")
     p.set_defaults(func=cmd_export)
     for name, text in (("finetune", "sparse transfer to a downstream task"),):
         p = sub.add_parser(name, help=f"{text} (not implemented yet)")
