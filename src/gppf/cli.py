@@ -93,18 +93,19 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from gppf.transfer.extract_task import open_task_model
+    from gppf.transfer.onnx import export_onnx
     from gppf.transfer.pretrained import PretrainedError
     from gppf.transfer.task_model import TaskModelError
 
     try:
         model = open_task_model(args.source, task=args.task)
-    except (PretrainedError, TaskModelError) as exc:
+        names = export_onnx(model, args.onnx, opset=args.opset, dynamic_batch=args.dynamic_batch,
+                            exporter=args.exporter)
+    except (PretrainedError, TaskModelError, ImportError) as exc:
         print(f"gppf export: error: {exc}", file=sys.stderr)
         return 1
-    from gppf.transfer.onnx import export_onnx
-
-    names = export_onnx(model, args.onnx, opset=args.opset, dynamic_batch=args.dynamic_batch, exporter=args.exporter)
-    print(f"wrote {args.onnx}: images [B, 3, {model.spec.image_size}, {model.spec.image_size}] -> {', '.join(names)}")
+    size = model.spec.image_size
+    print(f"wrote {args.onnx}: images [B, 3, {size}, {size}] -> {', '.join(names)}")
     return 0
 
 
@@ -206,9 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="run directory or extracted FILE.safetensors")
     p.add_argument("--task", help="task name (required for a run directory)")
     p.add_argument("--onnx", required=True, help="output .onnx file")
-    p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
     p.add_argument("--dynamic-batch", action="store_true", help="symbolic batch dimension (default: batch 1)")
-    p.add_argument("--exporter", choices=["dynamo", "torchscript"], default="dynamo")
+    p.add_argument("--exporter", choices=["dynamo", "torchscript"], default="dynamo",
+                   help="torch.export-based (default) or the legacy, faster TorchScript tracer")
     p.set_defaults(func=cmd_export)
     for name, text in (("finetune", "sparse transfer to a downstream task"),):
         p = sub.add_parser(name, help=f"{text} (not implemented yet)")

@@ -88,3 +88,23 @@ def test_export_errors_are_one_line(pretrained_run, tmp_path, capsys):
     assert "holds task 'segmentation', not 'reid'" in capsys.readouterr().err
     assert main(["export", str(pretrained_run), "--onnx", str(tmp_path / "x.onnx")]) == 1
     assert "needs --task" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", pytest.param("dynamo", marks=pytest.mark.slow)])
+def test_vit_onnx_matches_pytorch(exporter, tmp_path):
+    """The ViT trunk (attention, bicubic position resize, simple pyramid) exports too (dynamo: ~1 min)."""
+    from gppf.engine.trainer import train
+    from tests.transfer.conftest import all_types_config
+
+    cfg = all_types_config(steps=1, extra=["model.backbone=gppf_vit_tiny", "model.width_mult=0.25",
+                                           "model.legos=6", "model.active=3"])
+    train(cfg, run_dir=tmp_path / "vit")
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    for task in ("segmentation", "reid"):
+        onnx_file = tmp_path / f"{task}.onnx"
+        assert main(["export", str(tmp_path / "vit"), "--task", task, "--onnx", str(onnx_file),
+                     "--exporter", exporter]) == 0
+        x1 = x[:1]  # a fixed batch of 1 (no --dynamic-batch)
+        got, ref = _run(onnx_file, x1), _reference(tmp_path / "vit", task, x1)
+        for name in OUTPUTS[task]:
+            np.testing.assert_allclose(got[name], ref[name].numpy(), atol=1e-3, rtol=1e-3, err_msg=f"{task}/{name}")

@@ -143,7 +143,8 @@ def test_broken_sidecar_and_weights_are_named(pretrained_run, tmp_path):
         ({k: v for k, v in doc.items() if k != "mean"}, "missing key 'mean'"),
         ({**doc, "backbone": {**doc["backbone"], "layers": [2, 2, 2]}}, "backbone.inner_widths"),
         ({**doc, "backbone": {**doc["backbone"], "stem_width": 16}}, "'backbone' weights do not match"),
-        ({**doc, "num_classes": doc["num_classes"] + 1}, "num_classes"),
+        ({**doc, "num_classes": "10"}, "key 'num_classes' must be int"),
+        ({**doc, "extra": 1}, r"unknown key\(s\) \['extra'\]"),
         ({**doc, "format": "other"}, "format"),
     ]
     for broken, message in cases:
@@ -151,6 +152,12 @@ def test_broken_sidecar_and_weights_are_named(pretrained_run, tmp_path):
         with pytest.raises(TaskModelError, match=message) as info:
             load_task_model(out)
         assert str(side) in str(info.value) or str(out) in str(info.value)
+    other = tmp_path / "other.safetensors"  # same shapes, another task: the weights say which task they hold
+    assert main(["extract", str(pretrained_run), "--task", "multilabel", "--out", str(other)]) == 0
+    side.write_text(json.dumps(doc))
+    shutil.copy(other, out)
+    with pytest.raises(TaskModelError, match="task 'multilabel' but .*m.json describes task 'classification'"):
+        load_task_model(out)
     side.unlink()
     with pytest.raises(TaskModelError, match="m.json: missing"):
         load_task_model(out)

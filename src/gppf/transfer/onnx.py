@@ -8,6 +8,7 @@ to run it). Post-processing of detection: ``postprocess_detection`` (docs/deploy
 """
 from __future__ import annotations
 
+import importlib.util
 import io
 import warnings
 from pathlib import Path
@@ -56,10 +57,14 @@ def export_onnx(model: TaskModel, out: Path | str, *, opset: int = 18, dynamic_b
     ``torchscript`` (the legacy tracer, deprecated in torch 2.9+ but ~10-20x faster to export).
     ``dynamic_batch``: the batch dimension is symbolic (``batch``), else fixed at 1.
     """
-    import onnx
-
     if exporter not in ("dynamo", "torchscript"):
         raise ValueError(f"exporter must be dynamo|torchscript, got {exporter!r}")
+    needed = ["onnx"] + (["onnxscript"] if exporter == "dynamo" else [])
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ImportError(f"ONNX export needs {', '.join(missing)}: pip install 'gppf[export]'")
+    import onnx
+
     model = model.eval()
     size = int(model.spec.image_size)
     example = torch.zeros(2 if dynamic_batch else 1, 3, size, size, device=next(model.parameters()).device)

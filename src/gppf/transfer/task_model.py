@@ -203,8 +203,6 @@ def read_sidecar(path: Path | str) -> TaskModelSpec:
     if doc["format"] != FORMAT or doc["version"] != VERSION:
         raise TaskModelError(f"{path}: 'format'/'version' are {doc['format']!r}/{doc['version']!r}, "
                              f"expected {FORMAT!r}/{VERSION}")
-    if len(doc["classes"]) != doc["num_classes"]:
-        raise TaskModelError(f"{path}: 'num_classes' {doc['num_classes']} != len('classes') {len(doc['classes'])}")
     _check_backbone(doc["backbone"], path)
     unknown = sorted(set(doc) - set(types))
     if unknown:
@@ -254,8 +252,7 @@ def _build_head(spec: TaskModelSpec, path: Path) -> nn.Module:
 
 def load_task_model(path: Path | str, *, device: str | torch.device = "cpu") -> TaskModel:
     """The extracted task model ``FILE.safetensors`` (+ its sidecar ``FILE.json``), in eval mode."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     if path.suffix == ".json":
@@ -265,9 +262,14 @@ def load_task_model(path: Path | str, *, device: str | torch.device = "cpu") -> 
     if not path.is_file():
         raise TaskModelError(f"{path}: missing (weights of the task model described by {side})")
     try:
-        tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError) as exc:
         raise TaskModelError(f"{path}: not a safetensors file ({exc})") from exc
+    if meta.get("format", FORMAT) != FORMAT or meta.get("task", spec.name) != spec.name:
+        raise TaskModelError(f"{path}: holds {meta.get('format')} task '{meta.get('task')}' but {side} describes "
+                             f"task '{spec.name}'")
     return assemble_task_model(spec, tensors, where=path, sidecar=side).to(device)
 
 

@@ -1,4 +1,5 @@
-"""``postprocess_detection`` (numpy, no onnx needed) gives ``FCOSHead.predict``'s detections."""
+"""ONNX helpers that need no onnx package: detection post-processing (== ``FCOSHead.predict``) and the
+clear error when the ``export`` extra is missing."""
 from __future__ import annotations
 
 import numpy as np
@@ -37,3 +38,15 @@ def test_postprocessing_equals_head_predict(score_thresh, nms_thresh, topk, max_
         np.testing.assert_allclose(m["scores"], p["scores"].numpy(), atol=1e-5)
         total += len(m["boxes"])
     assert total > 3  # not a comparison of empty lists
+
+
+def test_missing_export_extra_is_a_one_line_error(pretrained_run, tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    from gppf.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else real(name, *a))
+    assert main(["export", str(pretrained_run), "--task", "reid", "--onnx", str(tmp_path / "r.onnx")]) == 1
+    assert "needs onnxscript: pip install 'gppf[export]'" in capsys.readouterr().err
+    assert not (tmp_path / "r.onnx").exists()
