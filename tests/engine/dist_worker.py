@@ -7,6 +7,13 @@ rank 0, and every rank's parameters after the three steps (``LegoSGD`` updates o
 on each rank also those only the other rank's task used). Between steps the main rank alone reads
 the model (an eval forward and a ``state_dict`` while lego updates are deferred: nothing may change),
 then every rank checkpoints (settle) and the main rank alone evaluates, as the trainer does.
+
+``dist_worker.py det OUT MODE[,MODE...]`` runs the detection case instead: a detection task (loss
+normalised by its number of positives) beside a classification task, both split over every rank
+(``all`` planner), BatchNorm in training mode. Per mode (``bn-sync``: ``dist.sync_bn`` on; ``bn-local``:
+off; ``bn-frozen``: BN in eval mode, so only the count normalisation is in play) it takes two steps and
+saves the first step's synced gradients (rank 0), and every rank's parameters and per-task BN running
+statistics after both steps, before any settle.
 """
 from __future__ import annotations
 
@@ -95,5 +102,54 @@ def main(planner: str, out: str, freeze_bn: str) -> None:
         save_file(grads, out, metadata=meta)
 
 
+def detection_config(mode: str):
+    def task(name: str, kind: str, domain: str, route: list[list[int]]) -> dict:
+        head = {"width": 16} if kind == "detection" else {}
+        return {"name": name, "type": kind, "batch_size": 8, "image_size": 32, "augment": False, "head": head,
+                "route": route,
+                "data": {"format": "synthetic", "options": {"domain": domain, "size": 32, "num_train": 32,
+                                                            "num_val": 8}}}
+
+    base = {
+        "model": {"backbone": "gppf_r18", "legos": 4, "active": 2, "width_mult": 0.125},
+        "tasks": [task("det", "detection", "pastel", [[0, 1]] * 8),
+                  task("cls", "classification", "flat", [[1, 2]] * 8)],
+        "train": {"steps": 2, "amp": "none", "channels_last": False, "progress": False, "warmup_steps": 0,
+                  "checkpoint_every": 0, "grad_clip": 0.0, "lr": 0.05, "num_workers": 0},
+        "dist": {"planner": "all", "backend": "gloo", "sync_bn": mode == "bn-sync"},
+    }
+    return load_config(base=base)
+
+
+def main_detection(out: str, modes: str) -> None:
+    """Two steps per mode; writes ``OUT/<mode>.grads`` (rank 0) and ``OUT/<mode>.state<rank>``."""
+    torch.set_num_threads(1)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    for mode in modes.split(","):
+        run = build_run(detection_config(mode), run_dir=Path(out) / f"run_{mode}", resume=False)
+        freeze(run, mode == "bn-frozen")
+        grads: dict[str, torch.Tensor] = {}
+        original_step = run.optimizer.step
+
+        def recording_step(*args, **kwargs):
+            if not grads:
+                grads.update({n: p.grad.detach().clone() for n, p in run.model.named_parameters()})
+            return original_step(*args, **kwargs)
+
+        recording_step._with_counter = True  # type: ignore[attr-defined]
+        run.optimizer.step = recording_step  # type: ignore[method-assign]
+        losses = [run.step_fn(step).task_losses["det"] for step in range(2)]
+        run.optimizer.flush()
+        state = {f"param.{n}": p.detach().clone() for n, p in run.model.named_parameters()}
+        state |= {f"buffer.{n}": b.detach().clone() for n, b in run.model.named_buffers() if "task_running" in n}
+        save_file(state, f"{out}/{mode}.state{run.info.rank}")
+        if run.info.is_main:
+            save_file(grads, f"{out}/{mode}.grads", metadata={"world": str(run.info.world),
+                                                              "det_losses": ",".join(map(str, losses))})
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    if sys.argv[1] == "det":
+        main_detection(*sys.argv[2:4])
+    else:
+        main(*sys.argv[1:4])
