@@ -121,8 +121,9 @@ class SIMTStep:
             share = len(batch) / self.global_batch[task]
             group = self.groups.get(task)
             synced = self.sync_bn and group is not None and group.distributed
-            with self._autocast(), (SyncBatchStats(group) if synced else contextlib.nullcontext()):
-                outputs = self.model(batch.images, task, route=route)
+            with self._autocast():
+                with SyncBatchStats(group) if synced else contextlib.nullcontext():  # the task's BN layers
+                    outputs = self.model(batch.images, task, route=route)
                 loss = self._task_loss(task, outputs, batch, share=share)
             if not torch.isfinite(loss):
                 bad_tasks.append(task)
