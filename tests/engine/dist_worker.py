@@ -11,7 +11,8 @@ then every rank checkpoints (settle) and the main rank alone evaluates, as the t
 ``dist_worker.py det OUT MODE[,MODE...]`` runs the detection case instead: a detection task (loss
 normalised by its number of positives) beside a classification task, both split over every rank
 (``all`` planner), BatchNorm in training mode. Per mode (``bn-sync``: ``dist.sync_bn`` on; ``bn-local``:
-off; ``bn-frozen``: BN in eval mode, so only the count normalisation is in play) it takes two steps and
+off; ``bn-frozen``: BN in eval mode, so only the count normalisation is in play; ``bn-sync-nan``: synced, and
+rank 1's first detection loss is NaN: every rank must skip that step without a hang) it takes two steps and
 saves the first step's synced gradients (rank 0), and every rank's parameters and per-task BN running
 statistics after both steps, before any settle.
 """
@@ -116,9 +117,21 @@ def detection_config(mode: str):
                   task("cls", "classification", "flat", [[1, 2]] * 8)],
         "train": {"steps": 2, "amp": "none", "channels_last": False, "progress": False, "warmup_steps": 0,
                   "checkpoint_every": 0, "grad_clip": 0.0, "lr": 0.05, "num_workers": 0},
-        "dist": {"planner": "all", "backend": "gloo", "sync_bn": mode == "bn-sync"},
+        "dist": {"planner": "all", "backend": "gloo", "sync_bn": mode.startswith("bn-sync")},
     }
     return load_config(base=base)
+
+
+def _nan_once(loss_parts: dict, task: str) -> None:
+    """Make ``task``'s next loss NaN on this rank (its sums; the counts stay valid)."""
+    original, calls = loss_parts[task], []
+
+    def parts(outputs, batch):
+        out = original(outputs, batch)
+        calls.append(1)
+        return {k: (s * float("nan"), c) for k, (s, c) in out.items()} if len(calls) == 1 else out
+
+    loss_parts[task] = parts
 
 
 def main_detection(out: str, modes: str) -> None:
@@ -138,14 +151,19 @@ def main_detection(out: str, modes: str) -> None:
 
         recording_step._with_counter = True  # type: ignore[attr-defined]
         run.optimizer.step = recording_step  # type: ignore[method-assign]
-        losses = [run.step_fn(step).task_losses["det"] for step in range(2)]
+        if mode == "bn-sync-nan" and run.info.rank == 1:  # rank 1's first detection loss is NaN
+            _nan_once(run.step_fn.loss_parts, "det")
+        results = [run.step_fn(step) for step in range(2)]
+        losses = [r.task_losses.get("det", float("nan")) for r in results]
         run.optimizer.flush()
         state = {f"param.{n}": p.detach().clone() for n, p in run.model.named_parameters()}
         state |= {f"buffer.{n}": b.detach().clone() for n, b in run.model.named_buffers() if "task_running" in n}
         save_file(state, f"{out}/{mode}.state{run.info.rank}")
         if run.info.is_main:
-            save_file(grads, f"{out}/{mode}.grads", metadata={"world": str(run.info.world),
-                                                              "det_losses": ",".join(map(str, losses))})
+            meta = {"world": str(run.info.world), "det_losses": ",".join(map(str, losses)),
+                    "skipped": ",".join(str(r.skipped) for r in results),
+                    "bad": ",".join("+".join(r.bad_tasks) for r in results)}
+            save_file(grads, f"{out}/{mode}.grads", metadata=meta)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -67,15 +68,17 @@ def _start_detection(out: Path, world: int, modes: str) -> subprocess.Popen:
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
                str(WORKER), "det", str(out), modes]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
 
 
 def _finish(proc: subprocess.Popen) -> None:
     try:
         output, _ = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    except subprocess.TimeoutExpired:  # e.g. a hang: end the launcher and its ranks (its own session)
+        os.killpg(proc.pid, signal.SIGKILL)
         output, _ = proc.communicate()
+        output += "\n[timed out after 240 s: a hang?]"
     assert proc.returncode == 0, output[-5000:]
 
 
@@ -94,12 +97,13 @@ def test_two_gloo_ranks_detection_with_batchnorm_in_training_mode(tmp_path):
       gradients up to ~0.4); parameters and statistics are bit-identical on both ranks;
     * BN frozen: equal as well, so the positives are counted over both ranks (with each rank's own
       count, 56 of 65 gradient tensors differ by up to ~20%);
+    * a NaN detection loss on rank 1 with synced BN: both ranks skip the step (no hang);
     * ``dist.sync_bn: false``: each rank normalises with its own 4 images: the backbone's gradients
       differ from one process by O(1) (measured: stem conv 0.89 max abs vs 0.39 max gradient) and each
       rank keeps its own running statistics (merged by ``BufferSync`` at checkpoints).
     """
     single, double = tmp_path / "single", tmp_path / "double"
-    procs = [_start_detection(single, 1, "bn-sync,bn-frozen"), _start_detection(double, 2, "bn-sync,bn-local,bn-frozen")]
+    procs = [_start_detection(single, 1, "bn-sync,bn-frozen"), _start_detection(double, 2, "bn-sync,bn-local,bn-frozen,bn-sync-nan")]
     for proc in procs:  # the reference and the 2-rank run side by side (the test's wall time)
         _finish(proc)
     for mode in ("bn-sync", "bn-frozen"):
@@ -114,6 +118,10 @@ def test_two_gloo_ranks_detection_with_batchnorm_in_training_mode(tmp_path):
         assert all(torch.equal(rank0[n], rank1[n]) for n in rank0)
         losses = [[float(v) for v in _meta(d / f"{mode}.grads")["det_losses"].split(",")] for d in (single, double)]
         assert losses[1] == pytest.approx(losses[0], rel=1e-5)  # the logged global detection loss
+    # a non-finite loss on one rank with synced BN: both ranks skip that step (no hang), then train on
+    nan = _meta(double / "bn-sync-nan.grads")
+    assert nan["skipped"] == "True,False"
+    assert nan["bad"].split(",")[0] == "<gradient>"  # rank 0: rank 1's NaN reached it through synced BN
     ref, local = load_file(str(single / "bn-sync.grads")), load_file(str(double / "bn-local.grads"))
     stem = "backbone.conv1.weight"
     assert (local[stem] - ref[stem]).abs().max() > 0.2 * ref[stem].abs().max()
