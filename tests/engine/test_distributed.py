@@ -96,7 +96,8 @@ def test_two_gloo_ranks_detection_with_batchnorm_in_training_mode(tmp_path):
       per-task BN running statistics equal one process on the same global batch (rtol 1e-4, atol 1e-5;
       gradients up to ~0.4); parameters and statistics are bit-identical on both ranks;
     * BN frozen: equal as well, so the positives are counted over both ranks (with each rank's own
-      count, 56 of 65 gradient tensors differ by up to ~20%);
+      count instead, 56 of 65 gradient tensors
+      differ, e.g. the stem BN bias by 18% of its size);
     * a NaN detection loss on rank 1 with synced BN: both ranks skip the step (no hang);
     * ``dist.sync_bn: false``: each rank normalises with its own 4 images: the backbone's gradients
       differ from one process by O(1) (measured: stem conv 0.89 max abs vs 0.39 max gradient) and each
