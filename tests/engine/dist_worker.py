@@ -28,7 +28,7 @@ from gppf.config import load_config
 from gppf.engine.trainer import Run, TrainError, build_run, evaluate, save
 
 
-def tiny_config(planner: str, out: str):
+def tiny_config(planner: str, out: str, sync_bn: bool = False):
     task = lambda name, domain: {  # noqa: E731
         "name": name, "type": "classification", "batch_size": 8, "image_size": 32, "augment": False,
         "data": {"format": "synthetic", "options": {"domain": domain, "size": 32, "num_train": 64, "num_val": 16}},
@@ -38,7 +38,7 @@ def tiny_config(planner: str, out: str):
         "tasks": [task("a", "flat") | {"route": [[0, 1]] * 8}, task("b", "textured") | {"route": [[2, 3]] * 8}],
         "train": {"steps": 3, "amp": "none", "channels_last": False, "progress": False, "warmup_steps": 0,
                   "checkpoint_every": 0, "grad_clip": 3.0},  # norms ~6: clipping by the synced norm is tested
-        "dist": {"planner": planner, "backend": "gloo"},
+        "dist": {"planner": planner, "backend": "gloo", "sync_bn": sync_bn},
     }
     return load_config(base=base)
 
@@ -70,9 +70,9 @@ def read_alone(run: Run, frozen: bool) -> None:
         assert torch.equal(p, before[n]), f"reading the model changed {n}"
 
 
-def main(planner: str, out: str, freeze_bn: str) -> None:
+def main(planner: str, out: str, freeze_bn: str, sync_bn: str = "0") -> None:
     torch.set_num_threads(1)
-    cfg = tiny_config(planner, out)
+    cfg = tiny_config(planner, out, sync_bn == "1")
     run = build_run(cfg, run_dir=Path(out).parent / f"run_{planner}", resume=False)
     freeze(run, freeze_bn == "1")
     grads: dict[str, torch.Tensor] = {}
@@ -170,4 +170,4 @@ if __name__ == "__main__":
     if sys.argv[1] == "det":
         main_detection(*sys.argv[2:4])
     else:
-        main(*sys.argv[1:4])
+        main(*sys.argv[1:5])

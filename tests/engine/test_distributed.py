@@ -60,14 +60,15 @@ def test_two_gloo_ranks_match_single_process(tmp_path, planner, freeze_bn):
     assert ref["heads.a.fc.weight" if "heads.a.fc.weight" in ref else next(k for k in ref if k.startswith("heads.a"))].abs().sum() > 0
 
 
-def _start_detection(out: Path, world: int, modes: str) -> subprocess.Popen:
+def _launch(world: int, *args: str) -> subprocess.Popen:
+    """The worker with ``args``, alone (``world`` 1) or under torchrun, in its own session."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if world == 1:
-        cmd = [sys.executable, str(WORKER), "det", str(out), modes]
+        cmd = [sys.executable, str(WORKER), *args]
         env = {k: v for k, v in env.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
-               str(WORKER), "det", str(out), modes]
+               str(WORKER), *args]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 
@@ -104,7 +105,8 @@ def test_two_gloo_ranks_detection_with_batchnorm_in_training_mode(tmp_path):
       rank keeps its own running statistics (merged by ``BufferSync`` at checkpoints).
     """
     single, double = tmp_path / "single", tmp_path / "double"
-    procs = [_start_detection(single, 1, "bn-sync,bn-frozen"), _start_detection(double, 2, "bn-sync,bn-local,bn-frozen,bn-sync-nan")]
+    procs = [_launch(1, "det", str(single), "bn-sync,bn-frozen"),
+             _launch(2, "det", str(double), "bn-sync,bn-local,bn-frozen,bn-sync-nan")]
     for proc in procs:  # the reference and the 2-rank run side by side (the test's wall time)
         _finish(proc)
     for mode in ("bn-sync", "bn-frozen"):
@@ -129,6 +131,27 @@ def test_two_gloo_ranks_detection_with_batchnorm_in_training_mode(tmp_path):
     rank0, rank1 = load_file(str(double / "bn-local.state0")), load_file(str(double / "bn-local.state1"))
     stats = "buffer.backbone.bn1.task_running_mean"
     assert not torch.allclose(rank0[stats], rank1[stats])
+
+
+def test_three_gloo_ranks_task_group_of_two_with_synced_bn(tmp_path):
+    """``groups`` planner on 3 ranks: task a on ranks 0 and 1 (a ``dist.new_group`` task group), b alone
+    on rank 2; BN in training mode, ``dist.sync_bn: true``: a's BN layers and the collectives of the
+    step run in the group of two, b's in none (no hang), and every gradient and the parameters after
+    three steps equal one process (rtol 1e-4, atol 1e-5)."""
+    single, triple = tmp_path / "single" / "g.safetensors", tmp_path / "triple" / "g.safetensors"
+    single.parent.mkdir(parents=True)
+    triple.parent.mkdir(parents=True)
+    procs = [_launch(1, "groups", str(single), "0", "1"), _launch(3, "groups", str(triple), "0", "1")]
+    for proc in procs:
+        _finish(proc)
+    assert _meta(triple)["world"] == "3" and _meta(triple)["trained_here"] == "a"
+    ref, got = load_file(str(single)), load_file(str(triple))
+    assert sum(int(ref[n].abs().sum() > 0) for n in ref) > 10
+    _assert_all_close(got, ref, what="gradient")
+    alone = load_file(f"{single}.params0")
+    ranks = [load_file(f"{triple}.params{r}") for r in range(3)]
+    _assert_all_close(ranks[0], alone, what="parameters after three steps:")
+    assert all(torch.equal(ranks[0][n], other[n]) for other in ranks[1:] for n in alone)
 
 
 def test_planner_groups_proportional_and_covering():
