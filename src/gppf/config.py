@@ -137,6 +137,10 @@ class DistConfig:
 
     planner: Literal["all", "groups"] = "all"
     backend: Literal["auto", "gloo", "nccl"] = "auto"
+    # BatchNorm batch statistics over all ranks that train a task (lego channels of its route only);
+    # off: each rank normalises with its own share of the batch, as DDP without SyncBatchNorm
+    # (no extra collective per BN layer; see docs/distributed.md, Semantics)
+    sync_bn: bool = False
 
 
 @dataclass

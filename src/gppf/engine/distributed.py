@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -180,22 +181,77 @@ class BufferSync:
             snap.copy_(merged)
 
 
-def all_reduce_scalars(values: dict[str, float], info: DistInfo) -> dict[str, float]:
-    """Sum a dict of floats over ranks (same keys on every rank, sorted order)."""
+def all_reduce_scalars(values: dict[str, float], info: DistInfo, *, device: torch.device) -> dict[str, float]:
+    """Sum a dict of floats over ranks (same keys on every rank, sorted order).
+
+    The tensor lives on ``device`` (the training device): NCCL reduces CUDA tensors only.
+    """
     if not info.enabled or not values:
         return dict(values)
     keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return dict(zip(keys, t.tolist()))
 
 
-def broadcast_flag(flag: bool, info: DistInfo) -> bool:
-    """True on every rank if any rank says True."""
+def broadcast_flag(flag: bool, info: DistInfo, *, device: torch.device) -> bool:
+    """True on every rank if any rank says True (a tensor on the training ``device``, as NCCL needs)."""
     if not info.enabled:
         return flag
-    t = torch.tensor([1.0 if flag else 0.0])
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
 
 
+@dataclass(frozen=True, eq=False)
+class TaskGroup:
+    """The ranks that train one task and the process group over them.
+
+    ``group`` is ``None`` where no collective is needed: a single process, or a task that one rank
+    trains alone (the ``groups`` planner with a task per rank). Collectives on it use tensors on
+    ``device``, the training device.
+    """
+
+    ranks: tuple[int, ...]
+    device: torch.device
+    group: Any = None  # a torch.distributed ProcessGroup
+
+    @property
+    def distributed(self) -> bool:
+        return self.group is not None
+
+    def sum_(self, t: Tensor) -> Tensor:
+        """All-reduce ``t`` (on ``device``) in place with SUM over the task's ranks; returns it."""
+        if self.group is not None:
+            self._check(t)
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
+        return t
+
+    def gather(self, t: Tensor) -> Tensor:
+        """``[ranks, *t.shape]``: ``t`` of every rank of the group (``t[None]`` without a group)."""
+        if self.group is None:
+            return t[None]
+        self._check(t)
+        out = [torch.empty_like(t) for _ in self.ranks]
+        dist.all_gather(out, t.contiguous(), group=self.group)
+        return torch.stack(out)
+
+    def _check(self, t: Tensor) -> None:
+        index = self.device.index
+        if t.device.type != self.device.type or (index is not None and t.device.index != index):
+            raise ValueError(f"a task-group collective got a tensor on {t.device}, not the training "
+                             f"device {self.device}")
+
+
+def task_groups(plan: dict[str, list[int]], *, info: DistInfo, device: torch.device) -> dict[str, TaskGroup]:
+    """A ``TaskGroup`` per task of ``plan`` (task -> ranks). Every rank must call this, with the same
+    plan: ``dist.new_group`` is collective, called in the plan's task order on every rank (also by
+    ranks outside the group). A task on every rank uses the default (world) group; a task on one
+    rank gets no group."""
+    out = {}
+    for task, ranks in plan.items():
+        group = None
+        if info.enabled and len(ranks) > 1:
+            group = dist.group.WORLD if len(ranks) == info.world else dist.new_group(ranks=sorted(ranks))
+        out[task] = TaskGroup(ranks=tuple(ranks), device=device, group=group)
+    return out

@@ -34,10 +34,11 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from gppf.engine.distributed import DistInfo, GradSync, all_reduce_scalars, broadcast_flag
+from gppf.engine.distributed import DistInfo, GradSync, TaskGroup, all_reduce_scalars, broadcast_flag
 from gppf.engine.model import MultiTaskModel
 from gppf.engine.weighting import LossWeighting
-from gppf.interfaces import Batch, Outputs
+from gppf.engine.sync_bn import SyncBatchStats
+from gppf.interfaces import Batch, LossParts, Outputs, normalized_loss
 from gppf.lego.layers import rows_used
 from gppf.lego.optim import RowOptimizer
 from gppf.lego.router import Route
@@ -77,6 +78,11 @@ class SIMTStep:
     channels_last: bool = True
     sample_probs: dict[str, float] = field(default_factory=dict)  # task -> P(task in a step); missing = 1
     seed: int = 0
+    # task -> its ranks (count-normalised losses and synced BN reduce over them); missing: this rank alone
+    groups: dict[str, TaskGroup] = field(default_factory=dict)
+    # task -> head.loss_parts for count-normalised losses (gppf.interfaces.CountedHead)
+    loss_parts: dict[str, Callable[[Outputs, Batch], LossParts]] = field(default_factory=dict)
+    sync_bn: bool = False  # BatchNorm batch statistics over the task's ranks (``dist.sync_bn``)
 
     def tasks_this_step(self, step: int) -> list[str]:
         """Tasks sampled for ``step``: all, or each with its probability (at least one task)."""
@@ -112,13 +118,18 @@ class SIMTStep:
         routes = self._routes([t for t in self.streams if t in sampled])
         for task, route in routes.items():
             batch = next(self.streams[task]).to(self.device, channels_last=self.channels_last)
+            share = len(batch) / self.global_batch[task]
+            group = self.groups.get(task)
+            synced = self.sync_bn and group is not None and group.distributed
             with self._autocast():
-                outputs = self.model(batch.images, task, route=route)
-                loss = self.losses[task](outputs, batch).float()
+                with SyncBatchStats(group) if synced else contextlib.nullcontext():  # the task's BN layers
+                    outputs = self.model(batch.images, task, route=route)
+                loss = self._task_loss(task, outputs, batch, share=share)
             if not torch.isfinite(loss):
                 bad_tasks.append(task)
+                if synced:  # the other ranks' synced-BN backward reduces with ours (the step is skipped)
+                    (loss * 0.0).backward()
                 continue
-            share = len(batch) / self.global_batch[task]
             (self.weighting.weight(task, loss) * share).backward()
             task_sum[task] += loss.item() * len(batch)
             count[task] += len(batch)
@@ -130,7 +141,7 @@ class SIMTStep:
         written = written_grads(self.grad_sync.params, self.optimizer)
         norm = total_norm(written) if not bad_tasks else 0.0
         bad_grad = not math.isfinite(norm)
-        if broadcast_flag(bool(bad_tasks) or bad_grad, self.info):
+        if broadcast_flag(bool(bad_tasks) or bad_grad, self.info, device=self.device):
             self.optimizer.zero_grad(set_to_none=False)
             return self._result(step, task_sum, count, aux, skipped=True,
                                 bad=bad_tasks or (["<gradient>"] if bad_grad else ["<other rank>"]))
@@ -153,11 +164,22 @@ class SIMTStep:
         self.weighting.observe(result.task_losses)
         return result
 
+    def _task_loss(self, task: str, outputs: Outputs, batch: Batch, *, share: float) -> torch.Tensor:
+        """This rank's loss of ``task``, such that ``share`` x it, summed over the task's ranks, is the loss
+        of the task's global batch. A count-normalised loss divides its sums by the counts summed over
+        the task's ranks (one collective, issued by each of them whatever the values), then by ``share``."""
+        group = self.groups.get(task)
+        if task not in self.loss_parts or group is None or not group.distributed:
+            return self.losses[task](outputs, batch).float()
+        parts = self.loss_parts[task](outputs, batch)
+        counts_P = torch.stack([c.detach().float().reshape(()) for _, c in parts.values()]).to(self.device)
+        return normalized_loss(parts, counts_P=group.sum_(counts_P)) / share
+
     def _result(self, step: int, task_sum: dict[str, float], count: dict[str, float],
                 aux: dict[str, torch.Tensor], *, skipped: bool, bad: list[str]) -> StepResult:
         """Reduce per-task loss sums and sample counts over ranks into global means."""
         scalars = {f"sum/{t}": v for t, v in task_sum.items()} | {f"n/{t}": v for t, v in count.items()}
-        scalars = all_reduce_scalars(scalars, self.info)
+        scalars = all_reduce_scalars(scalars, self.info, device=self.device)
         task_losses = {t: scalars[f"sum/{t}"] / scalars[f"n/{t}"] for t in task_sum if scalars[f"n/{t}"] > 0}
         aux_values = {k: float(v.detach()) for k, v in aux.items()}
         weights = self.weighting.weights()

@@ -22,7 +22,7 @@ from gppf.backbones import create_backbone
 from gppf.config import RunConfig, save_config
 from gppf.engine import checkpoint as ckpt
 from gppf.engine.data import TaskStream
-from gppf.engine.distributed import BufferSync, DistInfo, GradSync, init_distributed, plan_tasks
+from gppf.engine.distributed import BufferSync, DistInfo, GradSync, init_distributed, plan_tasks, task_groups
 from gppf.engine.logging import MetricsLogger, Progress
 from gppf.engine.model import MultiTaskModel
 from gppf.engine.simt import SIMTStep, StepResult
@@ -218,7 +218,10 @@ def build_run(cfg: RunConfig, *, run_dir: Path, resume: bool) -> Run:
                        global_batch={n: t.cfg.batch_size for n, t in tasks.items()}, weighting=weighting,
                        optimizer=optimizer, scheduler=scheduler, grad_sync=GradSync(params=params, info=info),
                        info=info, device=device, grad_clip=cfg.train.grad_clip, amp_dtype=amp,
-                       channels_last=cfg.train.channels_last, sample_probs=_sample_probs(cfg), seed=cfg.train.seed)
+                       channels_last=cfg.train.channels_last, sample_probs=_sample_probs(cfg), seed=cfg.train.seed,
+                       groups=task_groups(plan, info=info, device=device), sync_bn=cfg.dist.sync_bn,
+                       loss_parts={n: t.head.loss_parts for n, t in tasks.items()
+                                   if n in streams and hasattr(t.head, "loss_parts")})
     return Run(cfg=cfg, run_dir=run_dir, info=info, device=device, model=model, tasks=tasks, plan=plan,
                weighting=weighting, optimizer=optimizer, scheduler=scheduler, step_fn=step_fn, streams=streams,
                buffer_sync=BufferSync(module=model, info=info), start_step=start)

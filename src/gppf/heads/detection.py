@@ -25,7 +25,7 @@ from torchvision.ops import batched_nms, generalized_box_iou_loss, sigmoid_focal
 from torchvision.transforms.v2.functional import convert_bounding_box_format
 
 from gppf.heads.fpn import FPN, group_norm
-from gppf.interfaces import Batch, Features
+from gppf.interfaces import Batch, Features, LossParts, normalized_loss
 
 _MAX_LOG_DIST = 10.0  # exp clamp of the box-distance logits (e^10 strides is far beyond any image)
 
@@ -148,7 +148,8 @@ class FCOSHead(nn.Module):
     """FCOS head: FPN over the chosen pyramid levels, shared GroupNorm towers, per-level scales.
 
     ``in_channels``/``in_strides`` describe the backbone pyramid; ``strides`` picks the levels used
-    (default P3-P5). Loss = focal (cls) + GIoU (box) + BCE (centerness), each over ``max(1, #pos)``.
+    (default P3-P5). Loss = focal (cls) + GIoU (box) + BCE (centerness), each over ``max(1, #pos)``
+    (``loss_parts``: a distributed step divides by the positives of the task's global batch).
     """
 
     def __init__(
@@ -245,12 +246,13 @@ class FCOSHead(nn.Module):
             boxes.append(box)
         return torch.stack(labels), torch.stack(boxes)
 
-    def loss_terms(self, outputs: Mapping[str, Tensor], batch: Batch) -> dict[str, Tensor]:
-        """The three loss terms ``cls``, ``box``, ``centerness`` (each normalized by #positives)."""
+    def loss_parts(self, outputs: Mapping[str, Tensor], batch: Batch) -> LossParts:
+        """The focal (``cls``), GIoU (``box``) and centerness BCE sums over the batch, each with the number
+        of positive points, their normaliser (see ``gppf.interfaces.normalized_loss``)."""
         cls = outputs["cls_logits"].float()
         labels, boxes = self.assign(outputs, batch.targets)
         pos = labels >= 0
-        num_pos = pos.sum().clamp(min=1).float()
+        num_pos = pos.sum().float()
         onehot = torch.zeros_like(cls)
         onehot[pos] = F.one_hot(labels[pos], self.num_classes).to(cls.dtype)
         loss_cls = sigmoid_focal_loss(cls, onehot, alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="sum")
@@ -261,11 +263,15 @@ class FCOSHead(nn.Module):
         loss_ctr = F.binary_cross_entropy_with_logits(
             outputs["centerness"].float()[pos], ctr_target, reduction="sum"
         )
-        return {"cls": loss_cls / num_pos, "box": loss_box / num_pos, "centerness": loss_ctr / num_pos}
+        return {"cls": (loss_cls, num_pos), "box": (loss_box, num_pos), "centerness": (loss_ctr, num_pos)}
+
+    def loss_terms(self, outputs: Mapping[str, Tensor], batch: Batch) -> dict[str, Tensor]:
+        """The three loss terms ``cls``, ``box``, ``centerness`` (each normalized by ``max(1, #positives)``)."""
+        return {k: s / c.clamp(min=1) for k, (s, c) in self.loss_parts(outputs, batch).items()}
 
     def loss(self, outputs: Mapping[str, Tensor], batch: Batch) -> Tensor:
         """Sum of :meth:`loss_terms`."""
-        return torch.stack(list(self.loss_terms(outputs, batch).values())).sum()
+        return normalized_loss(self.loss_parts(outputs, batch))
 
     def _decode_image(
         self, cls: Tensor, ltrb: Tensor, ctr: Tensor, outputs: Mapping[str, Tensor], input_size: tuple[int, int]

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gppf.heads.fpn import FPN, conv_norm_act
-from gppf.interfaces import Batch, Features
+from gppf.interfaces import Batch, Features, LossParts, normalized_loss
 
 
 def target_keypoints(targets: Sequence[Mapping[str, Any]]) -> Tensor:
@@ -127,16 +127,19 @@ class HeatmapKeypointHead(nn.Module):
             fused = fused + F.interpolate(level, size=fused.shape[-2:], mode="bilinear", align_corners=False)
         return self.out(self.tower(fused))
 
-    def loss(self, outputs: Tensor, batch: Batch) -> Tensor:
-        """Visibility-weighted heatmap MSE, normalized as in the module docstring."""
+    def loss_parts(self, outputs: Tensor, batch: Batch) -> LossParts:
+        """Weighted squared error summed over labelled keypoints (over ``2 pi sigma^2``) and their count."""
         pred = outputs.float()
         keypoints = target_keypoints(batch.targets).to(pred.device)
         target, weights = gaussian_heatmaps(
             keypoints=keypoints, heatmap_size=pred.shape[-2:], stride=self.stride, sigma=self.sigma
         )
         per_kp = ((pred - target) ** 2).sum(dim=(-2, -1))
-        norm = weights.sum().clamp(min=1.0) * (2 * math.pi * self.sigma**2)
-        return (per_kp * weights).sum() / norm
+        return {"heatmap": ((per_kp * weights).sum() / (2 * math.pi * self.sigma**2), weights.sum())}
+
+    def loss(self, outputs: Tensor, batch: Batch) -> Tensor:
+        """Visibility-weighted heatmap MSE, normalized as in the module docstring."""
+        return normalized_loss(self.loss_parts(outputs, batch))
 
     @torch.no_grad()
     def predict(self, outputs: Tensor, batch: Batch) -> dict[str, Tensor]:

@@ -12,15 +12,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gppf.interfaces import Batch, Features
+from gppf.interfaces import Batch, Features, LossParts, normalized_loss
 
 
 
-def batch_hard_triplet_loss(emb_BD: Tensor, ids_B: Tensor, *, margin: float | None = 0.3) -> Tensor:
-    """Batch-hard triplet loss on Euclidean distances (soft margin ``softplus`` when ``margin`` is None).
+def batch_hard_triplet_parts(emb_BD: Tensor, ids_B: Tensor, *, margin: float | None = 0.3) -> tuple[Tensor, Tensor]:
+    """Batch-hard triplet loss summed over the valid anchors of the batch, and their count.
 
-    Anchors without a positive (same id, other sample) or without a negative are left out; a batch with
-    no valid anchor gives a zero loss that still depends on ``emb_BD`` (never NaN).
+    Mining (hardest positive, hardest negative of each anchor) sees ``emb_BD`` only: under
+    ``torchrun`` a rank's own share of the task's batch (docs/distributed.md, Semantics).
     """
     emb_BD = emb_BD.float()
     sq_B = (emb_BD * emb_BD).sum(1)
@@ -30,12 +30,21 @@ def batch_hard_triplet_loss(emb_BD: Tensor, ids_B: Tensor, *, margin: float | No
     pos_BB, neg_BB = same_BB & ~eye_BB, ~same_BB
     valid_B = pos_BB.any(1) & neg_BB.any(1)
     if not bool(valid_B.any()):
-        return emb_BD.sum() * 0.0
+        return emb_BD.sum() * 0.0, emb_BD.new_zeros(())
     hardest_pos_B = dist_BB.masked_fill(~pos_BB, float("-inf")).amax(1)
     hardest_neg_B = dist_BB.masked_fill(~neg_BB, float("inf")).amin(1)
     gap_V = (hardest_pos_B - hardest_neg_B)[valid_B]
     per_anchor_V = F.softplus(gap_V) if margin is None else F.relu(gap_V + margin)
-    return per_anchor_V.mean()
+    return per_anchor_V.sum(), valid_B.sum().float()
+
+
+def batch_hard_triplet_loss(emb_BD: Tensor, ids_B: Tensor, *, margin: float | None = 0.3) -> Tensor:
+    """Batch-hard triplet loss on Euclidean distances (soft margin ``softplus`` when ``margin`` is None).
+
+    Anchors without a positive (same id, other sample) or without a negative are left out; a batch with
+    no valid anchor gives a zero loss that still depends on ``emb_BD`` (never NaN).
+    """
+    return normalized_loss({"triplet": batch_hard_triplet_parts(emb_BD, ids_B, margin=margin)})
 
 
 class ReidHead(nn.Module):
@@ -79,16 +88,18 @@ class ReidHead(nn.Module):
         known_B = (ids_B >= 0) & (ids_B < self.id_to_row.numel())
         return torch.where(known_B, self.id_to_row[ids_B.clamp(0, self.id_to_row.numel() - 1)], -1)
 
-    def loss(self, outputs: dict[str, Tensor], batch: Batch) -> Tensor:
+    def loss_parts(self, outputs: dict[str, Tensor], batch: Batch) -> LossParts:
+        """Cross-entropy summed over samples of known identity, and the weighted batch-hard triplet loss
+        summed over valid anchors, each with its count."""
         ids_B = batch.stacked["identity"].to(outputs["feat"].device)
         rows_B = self.rows(ids_B)
-        logits_BN = outputs["logits"].float()
-        if bool((rows_B >= 0).any()):
-            ce = F.cross_entropy(logits_BN, rows_B, ignore_index=-1, label_smoothing=self.label_smoothing)
-        else:
-            ce = logits_BN.sum() * 0.0
-        triplet = batch_hard_triplet_loss(outputs["feat"], ids_B, margin=self.margin)
-        return ce + self.triplet_weight * triplet
+        ce = F.cross_entropy(outputs["logits"].float(), rows_B, ignore_index=-1,
+                             label_smoothing=self.label_smoothing, reduction="sum")
+        triplet, anchors = batch_hard_triplet_parts(outputs["feat"], ids_B, margin=self.margin)
+        return {"ce": (ce, (rows_B >= 0).sum().float()), "triplet": (self.triplet_weight * triplet, anchors)}
+
+    def loss(self, outputs: dict[str, Tensor], batch: Batch) -> Tensor:
+        return normalized_loss(self.loss_parts(outputs, batch))
 
     def predict(self, outputs: dict[str, Tensor], batch: Batch) -> Tensor:
         return F.normalize(outputs["emb"].detach().float(), dim=1)

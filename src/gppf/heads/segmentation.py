@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from gppf.data.transforms import MASK_IGNORE
 from gppf.heads.fpn import FPN, conv_norm_act
-from gppf.interfaces import Batch, Features
+from gppf.interfaces import Batch, Features, LossParts, normalized_loss
 
 
 def resize_logits(logits_BKhw: Tensor, size: Sequence[int]) -> Tensor:
@@ -53,14 +53,18 @@ class SegmentationHead(nn.Module):
         logits_BKhw = self.classifier(self.fuse(fused_BWhw))
         return F.interpolate(logits_BKhw, scale_factor=4.0, mode="bilinear", align_corners=False)
 
-    def loss(self, outputs: Tensor, batch: Batch) -> Tensor:
+    def loss_parts(self, outputs: Tensor, batch: Batch) -> LossParts:
+        """Cross-entropy summed over the labelled pixels, and their count."""
         mask_BHW = batch.stacked["mask"].to(outputs.device)
         logits_BKHW = resize_logits(outputs.float(), mask_BHW.shape[-2:])
-        if not bool((mask_BHW != self.ignore_index).any()):
-            return logits_BKHW.sum() * 0.0
-        return F.cross_entropy(
-            logits_BKHW, mask_BHW, ignore_index=self.ignore_index, label_smoothing=self.label_smoothing
-        )
+        known = (mask_BHW != self.ignore_index).sum().float()
+        ce = F.cross_entropy(logits_BKHW, mask_BHW, ignore_index=self.ignore_index,
+                             label_smoothing=self.label_smoothing, reduction="sum")
+        return {"ce": (ce, known)}
+
+    def loss(self, outputs: Tensor, batch: Batch) -> Tensor:
+        """Mean cross-entropy over the labelled pixels (0, still a function of ``outputs``, if none)."""
+        return normalized_loss(self.loss_parts(outputs, batch))
 
     def predict(self, outputs: Tensor, batch: Batch) -> Tensor:
         mask = batch.stacked.get("mask")

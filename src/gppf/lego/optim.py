@@ -415,8 +415,7 @@ class LegoSGD(torch.optim.Optimizer):
         cells = list(self._cells.values())
         if cells and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             shared = torch.from_numpy(np.concatenate([c.used_R for c in cells]).astype(np.uint8))
-            if dist.get_backend() == "nccl":
-                shared = shared.cuda()
+            shared = shared.to(cells[0].param.device)  # the training device (NCCL reduces CUDA tensors only)
             dist.all_reduce(shared, op=dist.ReduceOp.MAX)
             merged = shared.cpu().numpy().astype(bool)
             start = 0
