@@ -126,6 +126,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return main_simt(args.rest)
 
 
+def cmd_route(args: argparse.Namespace) -> int:
+    from gppf.transfer.pretrained import PretrainedError
+    from gppf.transfer.route import print_report, route_report
+    from gppf.transfer.transferability import TransferabilityError
+
+    cfg = _load(args.config, args.overrides)
+    try:
+        report = route_report(run_dir=args.source, cfg=cfg, samples=args.samples, seed=args.seed,
+                              device=args.device, score=args.score)
+    except (PretrainedError, TransferabilityError) as exc:
+        print(f"gppf route: error: {exc}", file=sys.stderr)
+        return 1
+    print_report(report, as_json=args.json)
+    return 0
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     if args.action == "check":
         from gppf.data.check import main_check
@@ -171,6 +187,16 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=f"{text} (not implemented yet)")
         p.add_argument("args", nargs="*")
         p.set_defaults(func=not_implemented(name))
+    p = sub.add_parser("route", help="rank candidate routes of a config's downstream tasks (no training)")
+    p.add_argument("--from", dest="source", required=True, metavar="RUN_DIR", help="pre-trained run directory")
+    p.add_argument("--config", required=True, help="config listing the downstream tasks")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--samples", type=int, default=256, help="train samples embedded per candidate")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--score", choices=["logme", "gbc"], help="override the task type's estimator score")
+    p.set_defaults(func=cmd_route)
     p = sub.add_parser("bench", help="benchmarks printing JSON: lego | simt | routing")
     p.add_argument("which", choices=["lego", "simt", "routing"])
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark (--json, --quick, ...)")
