@@ -69,7 +69,7 @@ def logme_evidence(f_ND: np.ndarray, y_N: np.ndarray, alpha: float, beta: float)
 
 
 def _column_evidence(x_K: np.ndarray, yy: float, sigma_K: np.ndarray, n: int, d: int,
-                     max_iter: int) -> tuple[float, float, float]:
+                     max_iter: int, tol: float = 1e-3) -> tuple[float, float, float]:
     """Fixed-point evidence maximisation of one target column (``x = u^T y``, ``yy = |y|^2``)."""
     x2 = x_K ** 2
     res_x2 = yy - x2.sum()  # the part of y outside the column space of f
@@ -80,7 +80,7 @@ def _column_evidence(x_K: np.ndarray, yy: float, sigma_K: np.ndarray, n: int, d:
         m2 = (sigma_K * x2 / (t + sigma_K) ** 2).sum()
         res2 = (x2 / (1 + sigma_K / t) ** 2).sum() + res_x2
         alpha, beta = gamma / (m2 + 1e-5), (n - gamma) / (res2 + 1e-5)
-        if abs(alpha / beta - t) / t <= 1e-3:
+        if abs(alpha / beta - t) / t <= tol:
             break
     t = alpha / beta
     m2 = (sigma_K * x2 / (t + sigma_K) ** 2).sum()
@@ -91,9 +91,10 @@ def _column_evidence(x_K: np.ndarray, yy: float, sigma_K: np.ndarray, n: int, d:
     return float(ev / n), float(alpha), float(beta)
 
 
-def logme(f_ND: np.ndarray | Tensor, y: np.ndarray | Tensor, *, max_iter: int = 11) -> float:
+def logme(f_ND: np.ndarray | Tensor, y: np.ndarray | Tensor, *, max_iter: int = 11, tol: float = 1e-3) -> float:
     """LogME of features ``f_ND`` for labels ``y``: int class ids ``[N]`` (one indicator column per class
-    present) or real targets ``[N, C]`` (e.g. a multilabel 0/1 matrix); mean per-sample log evidence."""
+    present) or real targets ``[N, C]`` (e.g. a multilabel 0/1 matrix); mean per-sample log evidence.
+    ``max_iter`` / ``tol`` (relative change of ``alpha / beta``): the reference's stopping rule."""
     f = np.asarray(torch.as_tensor(f_ND).detach().cpu().double().numpy(), dtype=np.float64)
     y_arr = np.asarray(torch.as_tensor(y).detach().cpu().numpy())
     if y_arr.ndim == 1:
@@ -109,7 +110,7 @@ def logme(f_ND: np.ndarray | Tensor, y: np.ndarray | Tensor, *, max_iter: int = 
     u_NK, sigma_K = u_NK[:, keep], s_K[keep] ** 2
     x_KC = u_NK.T @ y_NC
     yy_C = (y_NC ** 2).sum(0)
-    evidences = [_column_evidence(x_KC[:, c], float(yy_C[c]), sigma_K, n, d, max_iter)[0]
+    evidences = [_column_evidence(x_KC[:, c], float(yy_C[c]), sigma_K, n, d, max_iter, tol)[0]
                  for c in range(y_NC.shape[1])]
     return float(np.mean(evidences))
 
