@@ -163,7 +163,7 @@ def resolve_route(tc: TaskConfig, ft: FinetuneConfig, *, index: int, source: Pre
     if value == "auto":
         if source is None:
             return Resolved(scratch_route(layers, active), "scratch (auto: --from none)", None)
-        return _auto(tc, ft, source=source, same_name=same_name, seed=index)
+        return _auto(tc, ft, source=source, seed=index)
     raise ConfigError(f"{key}: unknown route method {value!r} (auto, learn, copy:<task> or an [L][k] list)")
 
 
@@ -191,8 +191,10 @@ def _explicit(value: Any, *, key: str, layers: int, legos: int, active: int) -> 
     return [sorted(int(i) for i in row) for row in value]
 
 
-def _auto(tc: TaskConfig, ft: FinetuneConfig, *, source: Pretrained, same_name: str | None, seed: int) -> Resolved:
-    """Rank the candidate routes on the task's training data (``gppf.transfer.select``); take the best."""
+def _auto(tc: TaskConfig, ft: FinetuneConfig, *, source: Pretrained, seed: int) -> Resolved:
+    """Rank the candidate routes on the task's training data (``gppf.transfer.select``); take the best.
+
+    The task starts from the BN statistics its route was scored with (``select.statistics_task``)."""
     from gppf.tasks import build_task
     from gppf.transfer import select
 
@@ -200,12 +202,14 @@ def _auto(tc: TaskConfig, ft: FinetuneConfig, *, source: Pretrained, same_name: 
     task = build_task(tc, feature_channels=backbone.feature_channels, pooled_dim=backbone.pooled_dim)
     ranking = select.rank_routes(backbone=backbone, task=task, candidates=select.candidate_routes(backbone),
                                  samples=ft.auto_samples, device=next(backbone.parameters()).device, seed=seed)
-    print(f"auto route for task '{tc.name}' (best first):")
+    print(f"auto route for task '{tc.name}' (best first, {ranking[0].method if ranking else '-'}):")
     for r in ranking:
-        print(f"  {r.name:<32} {r.score:+.4f}")
+        print(f"  {r.candidate:<32} {r.score:+.4f}")
+    if not ranking:
+        raise ConfigError(f"finetune.route: auto found no candidate route for task '{tc.name}'")
     best = ranking[0]
-    stats = best.name if best.name in backbone.tasks else same_name
-    return Resolved([list(map(int, row)) for row in best.route], f"auto:{best.name}", stats)
+    stats = select.statistics_task(backbone, candidate=best.candidate, route=best.route)
+    return Resolved([list(map(int, row)) for row in best.route], f"auto:{best.candidate}", stats)
 
 
 @dataclass
