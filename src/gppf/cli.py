@@ -62,6 +62,29 @@ def _print_summary(metrics: dict[str, float], run_dir: Path) -> None:
     print(f"report: {run_dir / 'report' / 'index.html'}")
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from gppf.config import ConfigError
+    from gppf.transfer.finetune import finetune
+    from gppf.transfer.pretrained import PretrainedError
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        cfg = _load(args.config or str(run_dir / "config.yaml"), args.overrides)
+        metrics = finetune(cfg, from_run=None, run_dir=run_dir, resume=True)
+    else:
+        if not args.from_run or not args.config:
+            raise ConfigError("gppf finetune needs --from RUN_DIR|none and --config FILE (or --resume RUN_DIR)")
+        run_dir = Path(args.out)
+        cfg = _load(args.config, args.overrides)
+        from_run = None if args.from_run == "none" else Path(args.from_run)
+        try:
+            metrics = finetune(cfg, from_run=from_run, run_dir=run_dir)
+        except PretrainedError as exc:
+            raise ConfigError(f"--from {args.from_run}: {exc}") from exc
+    _print_summary(metrics, run_dir)
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from gppf.engine.trainer import build_run, evaluate
 
@@ -183,7 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", required=True)
     p.add_argument("--out", required=True, help="output .safetensors file")
     p.set_defaults(func=cmd_extract)
-    for name, text in (("finetune", "sparse transfer to a downstream task"), ("export", "export a dense model")):
+    p = sub.add_parser("finetune", help="fine-tune downstream tasks from a pre-trained run (or --from none)")
+    _add_config_args(p)
+    p.add_argument("--from", dest="from_run", metavar="RUN_DIR|none", help="pre-trained run, or none (scratch)")
+    p.add_argument("--out", default="runs/finetune", help="run directory")
+    p.add_argument("--resume", metavar="DIR", help="continue the fine-tuning run in DIR from its last checkpoint")
+    p.set_defaults(func=cmd_finetune)
+    for name, text in (("export", "export a dense model"),):
         p = sub.add_parser(name, help=f"{text} (not implemented yet)")
         p.add_argument("args", nargs="*")
         p.set_defaults(func=not_implemented(name))
