@@ -33,23 +33,24 @@ from gppf.config import RunConfig, load_config, to_dict
 
 __all__ = ["DOWNSTREAM", "bench_transfer", "downstream_tasks", "main_transfer", "pretrain_config", "spearman"]
 
-QUICK = {"pretrain_steps": 200, "steps": 60, "tasks": ["shapes_textured", "cifar10"], "samples": 128,
+QUICK = {"pretrain_steps": 250, "steps": 60, "tasks": ["shapes_textured", "cifar10"], "samples": 128,
          "max_val": 300, "width_mult": 0.25}
-FULL = {"pretrain_steps": 600, "steps": 200, "samples": 256, "max_val": 1000, "width_mult": 0.5,
+FULL = {"pretrain_steps": 1000, "steps": 200, "samples": 256, "max_val": 1000, "width_mult": 0.25,
         "tasks": ["shapes_textured", "parts_textured", "cifar10", "fashion_mnist", "camvid", "coco8_det"]}
+SIZE = 32
+"""Image side of the synthetic tasks (pre-training and downstream)."""
 
 
-def _synthetic(name: str, kind: str, *, size: int, **options: Any) -> dict[str, Any]:
-    opts = {"domain": "textured", "size": size, "num_train": 2000, "num_val": 300, "seed": 17, **options}
-    return {"name": name, "type": kind, "batch_size": 32, "image_size": size, "augment": False,
+def _synthetic(name: str, kind: str, **options: Any) -> dict[str, Any]:
+    opts = {"domain": "textured", "size": SIZE, "num_train": 1000, "num_val": 300, "seed": 17, **options}
+    return {"name": name, "type": kind, "batch_size": 32, "image_size": SIZE, "augment": False,
             "data": {"format": "synthetic", "options": opts}}
 
 
 DOWNSTREAM: dict[str, Any] = {
     # built-in data on the `textured` domain: no task of the default recipe or of pretrain_config uses it
-    "shapes_textured": lambda root: _synthetic("shapes_textured", "classification", size=48, num_classes=5),
-    "parts_textured": lambda root: _synthetic("parts_textured", "segmentation", size=48, num_classes=3,
-                                              max_objects=3),
+    "shapes_textured": lambda root: _synthetic("shapes_textured", "classification", num_classes=3),
+    "parts_textured": lambda root: _synthetic("parts_textured", "segmentation", num_classes=3, max_objects=3),
     # real data (configs/shared_data.yaml layouts), read in place
     "cifar10": lambda root: {"name": "cifar10", "type": "classification", "image_size": 32, "batch_size": 32,
                              "data": {"format": "imagefolder", "root": str(root / "cifar10"), "train": "train",
@@ -87,16 +88,18 @@ def downstream_tasks(names: Sequence[str], *, root: Path) -> tuple[list[dict[str
 
 
 def pretrain_config(*, steps: int, width_mult: float) -> RunConfig:
-    """The bench's own short pre-training: four 48 px synthetic tasks on the flat / pastel / noisy / night
-    domains (never `textured`), gppf_r18 with 4 legos of which 2 active, ``width_mult``."""
+    """The bench's own short pre-training: four 32 px synthetic tasks on the flat / pastel / noisy / night
+    domains (never `textured`), gppf_r18 with 4 legos of which 2 active, ``width_mult``, hard top-k
+    routing with a straight-through gate (``topk_st``: no dense search phase), SGD LR 0.1."""
     def task(name: str, kind: str, domain: str, **options: Any) -> dict[str, Any]:
-        opts = {"domain": domain, "size": 48, "num_train": 2000, "num_val": 100, **options}
-        return {"name": name, "type": kind, "batch_size": 32, "image_size": 48, "augment": False,
+        opts = {"domain": domain, "size": SIZE, "num_train": 2000, "num_val": 100, **options}
+        return {"name": name, "type": kind, "batch_size": 32, "image_size": SIZE, "augment": False,
                 "data": {"format": "synthetic", "options": opts}}
 
     base = {
-        "model": {"backbone": "gppf_r18", "legos": 4, "active": 2, "width_mult": width_mult},
-        "tasks": [task("shapes_flat", "classification", "flat", num_classes=5),
+        "model": {"backbone": "gppf_r18", "legos": 4, "active": 2, "width_mult": width_mult,
+                  "router": {"mode": "topk_st"}},
+        "tasks": [task("shapes_flat", "classification", "flat", num_classes=3),
                   task("attributes_pastel", "multilabel", "pastel", num_classes=5, max_objects=3),
                   task("parsing_noisy", "segmentation", "noisy", num_classes=3, max_objects=3),
                   task("creatures_night", "keypoints", "night")],
