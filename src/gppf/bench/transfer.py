@@ -211,8 +211,9 @@ def bench_transfer(*, tasks: Sequence[str], source: Path | None, pretrain_steps:
     return result
 
 
-def print_table(result: dict[str, Any]) -> None:
-    """One rich table: variants x downstream tasks (primary metric, wall seconds), then auto's agreement."""
+def print_table(result: dict[str, Any], *, stderr: bool = False) -> None:
+    """One rich table: variants x downstream tasks (primary metric, wall seconds), then auto's agreement
+    (on stderr when stdout carries the JSON object)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -229,7 +230,7 @@ def print_table(result: dict[str, Any]) -> None:
     table.add_row("auto seconds", *[f"{t['auto']['seconds']:.1f}" for t in tasks.values()])
     table.add_row("spearman(auto, copy)", *["n/a" if t["spearman"] is None else f"{t['spearman']:+.2f}"
                                              for t in tasks.values()])
-    Console(stderr=True).print(table)
+    Console(stderr=stderr).print(table)
 
 
 def _cell(run: dict[str, Any] | None) -> str:
@@ -259,7 +260,7 @@ def main_transfer(argv: list[str]) -> int:
         work = Path(args.out or tmp)
         result = bench_transfer(source=Path(args.source) if args.source else None, root=data_root(args.data),
                                 work=work, **kw)
-    print_table(result)
+    print_table(result, stderr=args.json)
     if args.json:
         print(json.dumps(result))
     return 0
