@@ -47,7 +47,8 @@ def test_bench_transfer_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     task = result["tasks"]["shapes_textured"]
     candidates = [f"copy:{t}" for t in result["pretrain"]["tasks"]]
     assert sorted(task["auto"]["scores"]) == sorted(candidates)
-    assert set(task["runs"]) == {"scratch", "linear", "full (auto)", "full (learn)", *[f"full ({c})" for c in candidates]}
+    copies = {f"full ({c})" for c in candidates}
+    assert set(task["runs"]) == {"scratch", "linear", "full (auto)", "full (learn)", *copies}
     assert task["runs"]["full (auto)"]["same_run_as"] == f"full ({task['auto']['pick']})"
     assert task["auto"]["pick"] == max(task["auto"]["scores"], key=task["auto"]["scores"].get)
     assert all(0.0 <= r["metric"] <= 1.0 for r in task["runs"].values())

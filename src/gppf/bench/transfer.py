@@ -108,8 +108,8 @@ def pretrain_config(*, steps: int, width_mult: float) -> RunConfig:
     return load_config(base=base, overrides=[])
 
 
-def _train(steps: int, *, lr: float) -> dict[str, Any]:
-    return {"steps": steps, "lr": lr, "warmup_steps": max(steps // 10, 1), "checkpoint_every": steps,
+def _train(steps: int, *, lr: float, seed: int = 0) -> dict[str, Any]:
+    return {"steps": steps, "lr": lr, "seed": seed, "warmup_steps": max(steps // 10, 1), "checkpoint_every": steps,
             "eval_every": 0, "progress": False, "amp": "none", "channels_last": False, "num_workers": 0,
             "log_every": max(steps, 1)}
 
@@ -134,12 +134,12 @@ def _variants(candidates: Sequence[str]) -> list[tuple[str, dict[str, Any]]]:
 
 
 def _finetune_one(task: dict[str, Any], ft: dict[str, Any], *, source: Path | None, model: dict[str, Any],
-                  steps: int, max_val: int, samples: int, out: Path) -> dict[str, Any]:
+                  steps: int, max_val: int, samples: int, seed: int, out: Path) -> dict[str, Any]:
     from gppf.registry import TASK_TYPES
     from gppf.transfer.finetune import finetune
 
     task = {**task, "max_val_samples": max_val}
-    base = {"model": model, "tasks": [task], "train": _train(steps, lr=0.05),
+    base = {"model": model, "tasks": [task], "train": _train(steps, lr=0.05, seed=seed),
             "finetune": {**ft, "auto_samples": samples}}
     cfg = load_config(base=base, overrides=[], task_types=TASK_TYPES.names())
     start = time.perf_counter()
@@ -166,7 +166,7 @@ def auto_scores(task: dict[str, Any], *, source: Path, samples: int) -> dict[str
             "seconds": round(time.perf_counter() - start, 2)}
 
 
-def bench_task(task: dict[str, Any], *, source: Path, steps: int, samples: int, max_val: int,
+def bench_task(task: dict[str, Any], *, source: Path, steps: int, samples: int, max_val: int, seed: int,
                work: Path) -> dict[str, Any]:
     """Every variant of one downstream task at the same budget, ``auto``'s scores and their Spearman rho."""
     from gppf.transfer.pretrained import load_pretrained
@@ -177,7 +177,7 @@ def bench_task(task: dict[str, Any], *, source: Path, steps: int, samples: int, 
     for label, ft in _variants(list(auto["scores"])):
         out = work / f"{task['name']}-{label.replace(' ', '').replace('(', '-').replace(')', '').replace(':', '-')}"
         runs[label] = _finetune_one(task, ft, source=None if label == "scratch" else source, model=model,
-                                    steps=steps, max_val=max_val, samples=samples, out=out)
+                                    steps=steps, max_val=max_val, samples=samples, seed=seed, out=out)
     runs["full (auto)"] = {**runs[f"full ({auto['pick']})"], "same_run_as": f"full ({auto['pick']})"}
     copies = {c: runs[f"full ({c})"]["metric"] for c in auto["scores"]}
     best = max(copies, key=copies.get)  # type: ignore[arg-type]
@@ -186,13 +186,14 @@ def bench_task(task: dict[str, Any], *, source: Path, steps: int, samples: int, 
 
 
 def bench_transfer(*, tasks: Sequence[str], source: Path | None, pretrain_steps: int, steps: int, samples: int,
-                   max_val: int, width_mult: float, root: Path, work: Path) -> dict[str, Any]:
+                   max_val: int, width_mult: float, root: Path, work: Path, seed: int = 0) -> dict[str, Any]:
     """The whole benchmark (see the module doc); ``source`` None: pre-train ``pretrain_config`` first."""
     from gppf.bench.common import env_info
     from gppf.engine.trainer import train
 
     start = time.perf_counter()
-    result: dict[str, Any] = {"steps": steps, "samples": samples, "max_val": max_val, "env": env_info()}
+    result: dict[str, Any] = {"steps": steps, "samples": samples, "max_val": max_val, "seed": seed,
+                              "env": env_info()}
     if source is None:
         source = work / "pretrain"
         cfg = pretrain_config(steps=pretrain_steps, width_mult=width_mult)
@@ -206,7 +207,7 @@ def bench_transfer(*, tasks: Sequence[str], source: Path | None, pretrain_steps:
     configs, skipped = downstream_tasks(tasks, root=root)
     result["skipped"] = skipped
     result["tasks"] = {t["name"]: bench_task(t, source=source, steps=steps, samples=samples, max_val=max_val,
-                                             work=work) for t in configs}
+                                             seed=seed, work=work) for t in configs}
     result["wall_s"] = round(time.perf_counter() - start, 1)
     return result
 
@@ -249,6 +250,7 @@ def main_transfer(argv: list[str]) -> int:
     p.add_argument("--samples", type=int, help="train samples auto embeds per candidate")
     p.add_argument("--max-val", type=int, dest="max_val", help="val samples per task")
     p.add_argument("--width-mult", type=float, dest="width_mult", help="width of the bench's own pre-training")
+    p.add_argument("--seed", type=int, default=0, help="train.seed of every fine-tuning run")
     p.add_argument("--data", help="real-data folder (default $GPPF_DATA or ../shared/data)")
     p.add_argument("--out", help="keep the runs here (default: a temporary folder)")
     args = p.parse_args(argv)
@@ -259,7 +261,7 @@ def main_transfer(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="gppf-bench-transfer-") as tmp:
         work = Path(args.out or tmp)
         result = bench_transfer(source=Path(args.source) if args.source else None, root=data_root(args.data),
-                                work=work, **kw)
+                                work=work, seed=args.seed, **kw)
     print_table(result, stderr=args.json)
     if args.json:
         print(json.dumps(result))
