@@ -230,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--score", choices=["logme", "gbc"], help="override the task type's estimator score")
     p.set_defaults(func=cmd_route)
-    p = sub.add_parser("bench", help="benchmarks printing JSON: lego | simt | routing")
+    p = sub.add_parser("bench", help="benchmarks printing JSON: lego | simt | routing | transfer")
     p.add_argument("which", choices=["lego", "simt", "routing", "transfer"])
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark (--json, --quick, ...)")
     p.set_defaults(func=cmd_bench)
