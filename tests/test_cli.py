@@ -6,7 +6,7 @@ import pytest
 
 from gppf.cli import build_parser, default_config_path, main
 
-SUBCOMMANDS = ["pretrain", "finetune", "eval", "extract", "export", "bench", "data", "inspect", "predict"]
+SUBCOMMANDS = ["pretrain", "finetune", "eval", "extract", "export", "bench", "data", "inspect", "predict", "route"]
 
 
 def test_every_subcommand_is_registered():
@@ -49,9 +49,9 @@ def test_bad_override_is_a_one_line_error(capsys, tmp_path):
     assert "Traceback" not in err
 
 
-def test_unfinished_subcommands_say_so(capsys):
-    assert main(["finetune"]) == 2
-    assert "not implemented yet" in capsys.readouterr().err
+def test_finetune_without_its_arguments_says_what_it_needs(capsys):
+    assert main(["finetune"]) == 1
+    assert "needs --from RUN_DIR|none and --config FILE" in capsys.readouterr().err
 
 
 def test_overrides_may_follow_options():

@@ -6,7 +6,6 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Callable
 
 from gppf.config import RunConfig, default_config_path, load_config
 
@@ -60,6 +59,29 @@ def _print_summary(metrics: dict[str, float], run_dir: Path) -> None:
         table.add_row(key, f"{value:.4f}", "" if chance is None else f"{chance:.4f}", margin)
     Console().print(table)
     print(f"report: {run_dir / 'report' / 'index.html'}")
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from gppf.config import ConfigError
+    from gppf.transfer.finetune import finetune
+    from gppf.transfer.pretrained import PretrainedError
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        cfg = _load(args.config or str(run_dir / "config.yaml"), args.overrides)
+        metrics = finetune(cfg, from_run=None, run_dir=run_dir, resume=True)
+    else:
+        if not args.from_run or not args.config:
+            raise ConfigError("gppf finetune needs --from RUN_DIR|none and --config FILE (or --resume RUN_DIR)")
+        run_dir = Path(args.out)
+        cfg = _load(args.config, args.overrides)
+        from_run = None if args.from_run == "none" else Path(args.from_run)
+        try:
+            metrics = finetune(cfg, from_run=from_run, run_dir=run_dir)
+        except PretrainedError as exc:
+            raise ConfigError(f"--from {args.from_run}: {exc}") from exc
+    _print_summary(metrics, run_dir)
+    return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -136,6 +158,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.which == "transfer":
+        from gppf.bench.transfer import main_transfer
+
+        return main_transfer(args.rest)
     if args.which == "routing":
         from gppf.bench.routing import main_routing
 
@@ -149,6 +175,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return main_simt(args.rest)
 
 
+def cmd_route(args: argparse.Namespace) -> int:
+    from gppf.transfer.pretrained import PretrainedError
+    from gppf.transfer.route import print_report, route_report
+    from gppf.transfer.transferability import TransferabilityError
+
+    cfg = _load(args.config, args.overrides)
+    try:
+        report = route_report(run_dir=args.source, cfg=cfg, samples=args.samples, seed=args.seed,
+                              device=args.device, score=args.score)
+    except (PretrainedError, TransferabilityError) as exc:
+        print(f"gppf route: error: {exc}", file=sys.stderr)
+        return 1
+    print_report(report, as_json=args.json)
+    return 0
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     if args.action == "check":
         from gppf.data.check import main_check
@@ -157,14 +199,6 @@ def cmd_data(args: argparse.Namespace) -> int:
     from gppf.data.paste import main_paste
 
     return main_paste(args.rest)
-
-
-def not_implemented(name: str) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        print(f"gppf {name}: not implemented yet (planned in the sparse-transfer work)", file=sys.stderr)
-        return 2
-
-    return run
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -212,12 +246,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exporter", choices=["dynamo", "torchscript"], default="dynamo",
                    help="torch.export-based (default) or the legacy, faster TorchScript tracer")
     p.set_defaults(func=cmd_export)
-    for name, text in (("finetune", "sparse transfer to a downstream task"),):
-        p = sub.add_parser(name, help=f"{text} (not implemented yet)")
-        p.add_argument("args", nargs="*")
-        p.set_defaults(func=not_implemented(name))
-    p = sub.add_parser("bench", help="benchmarks printing JSON: lego | simt | routing")
-    p.add_argument("which", choices=["lego", "simt", "routing"])
+    p = sub.add_parser("finetune", help="fine-tune downstream tasks from a pre-trained run (or --from none)")
+    _add_config_args(p)
+    p.add_argument("--from", dest="from_run", metavar="RUN_DIR|none", help="pre-trained run, or none (scratch)")
+    p.add_argument("--out", default="runs/finetune", help="run directory")
+    p.add_argument("--resume", metavar="DIR", help="continue the fine-tuning run in DIR from its last checkpoint")
+    p.set_defaults(func=cmd_finetune)
+    p = sub.add_parser("route", help="rank candidate routes of a config's downstream tasks (no training)")
+    p.add_argument("--from", dest="source", required=True, metavar="RUN_DIR", help="pre-trained run directory")
+    p.add_argument("--config", required=True, help="config listing the downstream tasks")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--samples", type=int, default=256, help="train samples embedded per candidate")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--score", choices=["logme", "gbc"], help="override the task type's estimator score")
+    p.set_defaults(func=cmd_route)
+    p = sub.add_parser("bench", help="benchmarks printing JSON: lego | simt | routing | transfer")
+    p.add_argument("which", choices=["lego", "simt", "routing", "transfer"])
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark (--json, --quick, ...)")
     p.set_defaults(func=cmd_bench)
     p = sub.add_parser("data", help="data tools: check <config> | paste ...")

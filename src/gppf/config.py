@@ -144,13 +144,42 @@ class DistConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Transfer of a pre-trained run to downstream tasks (``gppf finetune``; see ``docs/transfer.md``).
+
+    ``mode``: ``linear`` (backbone frozen, its BatchNorms in eval mode, only heads train) or ``full`` (the
+    route's legos, the shared parts and the heads train; lego parameters get no weight decay so that
+    unselected legos stay bit-identical). ``route``: one method for every downstream task, or a mapping
+    task -> method; methods: ``auto``, ``learn``, ``copy:<pre-training task>`` or an explicit ``[L][k]``
+    list (mapping form only); a task's own ``route:`` list wins. ``layer_decay``: layer-wise LR decay
+    (1.0 = off; the stem gets ``lr * layer_decay**(depth+1)``, the last stage ``lr * layer_decay``);
+    ``head_lr_mult``: head LR = ``train.lr`` times this. ``learn_steps``: length of the ``learn`` phase
+    (a fraction of ``train.steps`` if <= 1, else steps); ``auto_samples``: training samples ``auto``
+    embeds per candidate route. Written by ``gppf finetune`` (do not set by hand): ``source`` (the
+    pre-trained run, or ``none``), ``source_tasks`` (its tasks, still routed by the backbone) and
+    ``resolved`` (task -> how its route was chosen).
+    """
+
+    mode: Literal["linear", "full"] = "full"
+    route: str | dict[str, Any] = "auto"
+    layer_decay: float = 1.0
+    head_lr_mult: float = 1.0
+    learn_steps: float = 0.2
+    auto_samples: int = 256
+    source: str = ""
+    source_tasks: list[str] = field(default_factory=list)
+    resolved: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
 class RunConfig:
-    """A whole run."""
+    """A whole run (``finetune``: only in fine-tuning runs)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     tasks: list[TaskConfig] = field(default_factory=list)
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    finetune: FinetuneConfig | None = None
 
 
 # ----------------------------------------------------------------------------- conversion
@@ -354,6 +383,20 @@ def validate(cfg: RunConfig, *, task_types: Collection[str] | None = None) -> No
             raise ConfigError(f"tasks.{task.name}.batch_size must be >= 1")
     if cfg.train.steps < 0:
         raise ConfigError("train.steps must be >= 0")
+    if cfg.finetune is not None:
+        _validate_finetune(cfg.finetune)
+
+
+def _validate_finetune(ft: FinetuneConfig) -> None:
+    if not 0.0 < ft.layer_decay <= 1.0:
+        raise ConfigError(f"finetune.layer_decay must be in (0, 1] (1.0 = off), got {ft.layer_decay}")
+    if ft.head_lr_mult <= 0:
+        raise ConfigError(f"finetune.head_lr_mult must be > 0, got {ft.head_lr_mult}")
+    if ft.learn_steps <= 0:
+        raise ConfigError(f"finetune.learn_steps must be > 0 (a fraction of train.steps if <= 1, else steps), "
+                          f"got {ft.learn_steps}")
+    if ft.auto_samples < 2:
+        raise ConfigError(f"finetune.auto_samples must be >= 2, got {ft.auto_samples}")
 
 
 def check_name(name: str, known: list[str], *, key: str, kind: str) -> None:

@@ -11,11 +11,22 @@ from gppf.lego.router import Route
 class MultiTaskModel(nn.Module):
     """``backbone`` routed per task plus ``heads[task]``; ``forward`` returns the head's raw outputs."""
 
-    def __init__(self, *, backbone: LegoBackbone, heads: dict[str, nn.Module]) -> None:
-        """``heads``: task -> an ``nn.Module`` satisfying ``gppf.interfaces.Head``."""
+    def __init__(self, *, backbone: LegoBackbone, heads: dict[str, nn.Module], frozen_backbone: bool = False) -> None:
+        """``heads``: task -> an ``nn.Module`` satisfying ``gppf.interfaces.Head``. ``frozen_backbone``
+        (linear probing): the backbone stays in eval mode (BatchNorm running statistics used and left
+        unchanged) whatever ``train()`` says; only its router follows ``train()``."""
         super().__init__()
         self.backbone = backbone
         self.heads = nn.ModuleDict(heads)
+        self.frozen_backbone = frozen_backbone
+        self.train()
+
+    def train(self, mode: bool = True) -> MultiTaskModel:
+        super().train(mode)
+        if self.frozen_backbone:
+            self.backbone.eval()
+            self.backbone.router.train(mode)
+        return self
 
     def features(self, images_BCHW: Tensor, task: str, *, route: Route | None = None) -> Features:
         return self.backbone(images_BCHW, task, route=route)

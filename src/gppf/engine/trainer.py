@@ -26,6 +26,7 @@ from gppf.engine.distributed import BufferSync, DistInfo, GradSync, init_distrib
 from gppf.engine.logging import MetricsLogger, Progress
 from gppf.engine.model import MultiTaskModel
 from gppf.engine.simt import SIMTStep, StepResult
+from gppf.engine.tuning import finetune_param_groups, set_trainable
 from gppf.engine.weighting import LossWeighting, build_weighting
 from gppf.lego.optim import LegoSGD
 from gppf.lego.router import route_churn
@@ -99,20 +100,30 @@ def build_tasks(cfg: RunConfig, *, feature_channels: list[int], pooled_dim: int)
 
 
 def build_model(cfg: RunConfig) -> MultiTaskModel:
+    """The routed backbone (no heads). A fine-tuning run's backbone also routes its source run's tasks
+    (``finetune.source_tasks``, first), so that the source checkpoint's router and statistics fit."""
     m = cfg.model
     r = m.router
     router = {"mode": r.mode, "mi_weight": r.mi_weight, "balance_weight": r.balance_weight, "tau_start": r.tau_start,
               "tau_end": r.tau_end, "init_std": r.init_std, "search_until": r.search_until, "freeze_at": r.freeze_at,
               "fixed_routes": {t.name: t.route for t in cfg.tasks if t.route is not None}, "seed": cfg.train.seed}
     extra = {"width_mult": m.width_mult} if m.width_mult != 1.0 else {}
-    backbone = create_backbone(m.backbone, tasks=[t.name for t in cfg.tasks], legos=m.legos, active=m.active,
-                               router=router, **extra)
-    return MultiTaskModel(backbone=backbone, heads={})
+    source = list(cfg.finetune.source_tasks) if cfg.finetune is not None else []
+    backbone = create_backbone(m.backbone, tasks=source + [t.name for t in cfg.tasks], legos=m.legos,
+                               active=m.active, router=router, **extra)
+    linear = cfg.finetune is not None and cfg.finetune.mode == "linear"
+    return MultiTaskModel(backbone=backbone, heads={}, frozen_backbone=linear)
 
 
 def _optimizer(cfg: RunConfig, model: MultiTaskModel, weighting: torch.nn.Module) -> torch.optim.Optimizer:
     t = cfg.train
-    groups = model.param_groups(lr=t.lr, weight_decay=t.weight_decay, router_lr_mult=cfg.model.router.router_lr_mult)
+    if cfg.finetune is not None:
+        groups = finetune_param_groups(model, lr=t.lr, weight_decay=t.weight_decay,
+                                       router_lr_mult=cfg.model.router.router_lr_mult,
+                                       layer_decay=cfg.finetune.layer_decay, head_lr_mult=cfg.finetune.head_lr_mult)
+    else:
+        groups = model.param_groups(lr=t.lr, weight_decay=t.weight_decay,
+                                    router_lr_mult=cfg.model.router.router_lr_mult)
     extra = [p for p in weighting.parameters() if p.requires_grad]
     if extra:
         groups.append({"params": extra, "weight_decay": 0.0, "lr": t.lr, "name": "loss_weighting"})
@@ -181,8 +192,13 @@ def _epoch_batches(task: Task, seed: int) -> Callable[[int], list[list[int]]] | 
     return epoch_batches
 
 
-def build_run(cfg: RunConfig, *, run_dir: Path, resume: bool) -> Run:
-    """Construct model, tasks, optimizer, streams and the SIMT step; restore a checkpoint if asked."""
+def build_run(cfg: RunConfig, *, run_dir: Path, resume: bool,
+              init: Callable[[MultiTaskModel], None] | None = None) -> Run:
+    """Construct model, tasks, optimizer, streams and the SIMT step; restore a checkpoint if asked.
+
+    ``init``: called on the built model (heads attached, on the CPU) of a fresh run, before anything is
+    trained or frozen, e.g. to load pre-trained weights (``gppf.transfer.finetune``); not on resume.
+    A config with a ``finetune`` section freezes and groups parameters as ``gppf.engine.tuning`` says."""
     check_task_types(cfg)  # before any process group or model exists: a clear error naming tasks.<i>.type
     info = init_distributed(backend=cfg.dist.backend)
     seed_everything(cfg.train.seed, deterministic=cfg.train.deterministic)
@@ -193,6 +209,10 @@ def build_run(cfg: RunConfig, *, run_dir: Path, resume: bool) -> Run:
     tasks = build_tasks(cfg, feature_channels=model.backbone.feature_channels, pooled_dim=model.backbone.pooled_dim)
     for name, task in tasks.items():
         model.heads[name] = task.head
+    if init is not None and not resume:
+        init(model)
+    if cfg.finetune is not None:
+        set_trainable(model, mode=cfg.finetune.mode, learn_routes=any(t.route is None for t in cfg.tasks))
     model.to(device)
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -310,21 +330,23 @@ def write_task_specs(run: Run) -> None:
 
 
 def _write_routes(run: Run) -> None:
-    router = run.model.backbone.router
-    (run.run_dir / "routes.json").write_text(json.dumps(router.routes(), indent=1))
-    meta = {"tasks": router.tasks, "num_layers": router.num_layers, "num_legos": router.num_legos,
+    router = run.model.backbone.router  # a fine-tuning run's router also holds its source's tasks: left out
+    routes = {name: route for name, route in router.routes().items() if name in run.tasks}
+    (run.run_dir / "routes.json").write_text(json.dumps(routes, indent=1))
+    meta = {"tasks": list(routes), "num_layers": router.num_layers, "num_legos": router.num_legos,
             "active": router.active, "primary_metric": {n: t.primary_metric for n, t in run.tasks.items()},
             "backbone": run.cfg.model.backbone}
     (run.run_dir / "router.json").write_text(json.dumps(meta, indent=1))
 
 
-def train(cfg: RunConfig, *, run_dir: Path, resume: bool = False) -> dict[str, float]:
-    """Run (or resume) a SIMT pre-training; returns the final validation metrics."""
+def train(cfg: RunConfig, *, run_dir: Path, resume: bool = False,
+          init: Callable[[MultiTaskModel], None] | None = None) -> dict[str, float]:
+    """Run (or resume) a SIMT training; returns the final validation metrics (``init``: see ``build_run``)."""
     if not resume and ckpt.find_latest(run_dir) is not None:
         raise TrainError(f"{run_dir} already holds checkpoints of another run: continue it with "
                          f"--resume {run_dir}, or choose a new --out directory")
     run_dir.mkdir(parents=True, exist_ok=True)
-    run = build_run(cfg, run_dir=run_dir, resume=resume)
+    run = build_run(cfg, run_dir=run_dir, resume=resume, init=init)
     if run.info.is_main:
         save_config(cfg, run_dir / "config.yaml")
         write_task_specs(run)

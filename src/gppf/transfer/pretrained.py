@@ -88,7 +88,7 @@ def load_pretrained(run_dir: Path | str, *, device: str | torch.device = "cpu") 
     if latest is None:
         raise PretrainedError(f"{run_dir / 'checkpoints'}: no checkpoint to load")
     model = build_model(cfg)
-    for name in model.backbone.tasks:
+    for name in [t.name for t in cfg.tasks]:  # a fine-tuning run's backbone also routes its source's tasks
         if name not in specs:
             raise PretrainedError(f"{run_dir / 'tasks.json'}: no entry for task '{name}'")
         model.heads[name] = build_head(specs[name])
