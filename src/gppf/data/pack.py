@@ -23,7 +23,7 @@ from webdataset.writer import TarWriter
 
 import gppf.data.readers  # noqa: F401  (registers the file formats)
 import gppf.data.synthetic  # noqa: F401  (registers the built-in synthetic format)
-from gppf.config import ConfigError, RunConfig, TaskConfig, load_config
+from gppf.config import ConfigError, RunConfig, TaskConfig, default_config_path, load_config
 from gppf.data.base import READERS, DataError, SampleDataset
 from gppf.data.check import _count_target
 from gppf.data.readers.common import SKIPPED_KEY
@@ -173,7 +173,7 @@ def pack_config(cfg: RunConfig, *, out: Path, shard_mb: float = 64.0, overwrite:
 def main_pack(argv: list[str]) -> int:
     """``gppf data pack CONFIG --out DIR [--shard-size MB] [--overwrite] [key=value ...]``."""
     p = argparse.ArgumentParser(prog="gppf data pack", description=__doc__.splitlines()[0])
-    p.add_argument("config", help="run config YAML whose tasks are packed")
+    p.add_argument("config", help="run config YAML whose tasks are packed ('default': the built-in recipe)")
     p.add_argument("--out", required=True, help="output directory (DIR/<task>/<split>/)")
     p.add_argument("--shard-size", type=float, default=64.0, metavar="MB", help="target shard size (default 64)")
     p.add_argument("--overwrite", action="store_true", help="replace splits that already exist")
@@ -181,7 +181,7 @@ def main_pack(argv: list[str]) -> int:
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(default_config_path() if args.config == "default" else args.config, args.overrides)
         manifests = pack_config(cfg, out=Path(args.out), shard_mb=args.shard_size, overwrite=args.overwrite,
                                 show_progress=not args.no_progress)
     except (ConfigError, DataError) as exc:
