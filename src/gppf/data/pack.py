@@ -108,18 +108,24 @@ def _reader_meta(ds: Any) -> dict[str, Any]:
     return meta
 
 
-def pack_split(task: TaskConfig, *, split: str, out: Path, shard_bytes: int, progress: Progress | None) -> dict:
-    """Pack one split of ``task`` into ``out`` (replaced atomically); returns its manifest."""
+def pack_split(task: TaskConfig, *, split: str, out: Path, shard_bytes: int, progress: Progress | None,
+               limit: int | None = None) -> dict:
+    """Pack one split of ``task`` into ``out`` (replaced atomically); returns its manifest.
+
+    ``limit``: pack only that many evenly spaced samples (benchmarks, smoke tests).
+    """
     ds: SampleDataset = READERS.get(task.data.format)(task.data, split=split, task_type=task.type,
                                                       on_bad_sample=task.on_bad_sample)
     tmp = out.parent / f".{out.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     writer = SplitWriter(tmp, shard_bytes=shard_bytes)
-    bar = progress.add_task(f"{task.name}/{out.name}", total=len(ds)) if progress is not None else None
+    n = len(ds)
+    indices = range(n) if limit is None or limit >= n else [(i * n) // limit for i in range(limit)]
+    bar = progress.add_task(f"{task.name}/{out.name}", total=len(indices)) if progress is not None else None
     counts: dict[str, int] = {}
     written = 0
-    for i in range(len(ds)):
+    for i in indices:
         image, target = ds[i]
         if progress is not None and bar is not None:
             progress.advance(bar)
@@ -149,7 +155,7 @@ def pack_split(task: TaskConfig, *, split: str, out: Path, shard_bytes: int, pro
 
 
 def pack_config(cfg: RunConfig, *, out: Path, shard_mb: float = 64.0, overwrite: bool = False,
-                show_progress: bool = True) -> list[dict]:
+                show_progress: bool = True, limit: int | None = None) -> list[dict]:
     """Pack every task's train and val split into ``out/<task>/<split name>/``; returns the manifests."""
     targets = []
     for task in cfg.tasks:
@@ -166,7 +172,7 @@ def pack_config(cfg: RunConfig, *, out: Path, shard_mb: float = 64.0, overwrite:
     with Progress(*columns, disable=not show_progress, console=Console(stderr=True)) as progress:
         for task, split, dest in targets:
             manifests.append(pack_split(task, split=split, out=dest, shard_bytes=int(shard_mb * 2**20),
-                                        progress=progress))
+                                        progress=progress, limit=limit))
     return manifests
 
 
@@ -177,13 +183,14 @@ def main_pack(argv: list[str]) -> int:
     p.add_argument("--out", required=True, help="output directory (DIR/<task>/<split>/)")
     p.add_argument("--shard-size", type=float, default=64.0, metavar="MB", help="target shard size (default 64)")
     p.add_argument("--overwrite", action="store_true", help="replace splits that already exist")
+    p.add_argument("--limit", type=int, metavar="N", help="pack only N evenly spaced samples per split")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
     try:
         cfg = load_config(default_config_path() if args.config == "default" else args.config, args.overrides)
         manifests = pack_config(cfg, out=Path(args.out), shard_mb=args.shard_size, overwrite=args.overwrite,
-                                show_progress=not args.no_progress)
+                                show_progress=not args.no_progress, limit=args.limit)
     except (ConfigError, DataError) as exc:
         print(f"gppf data pack: error: {exc}", file=sys.stderr)
         return 1
