@@ -73,3 +73,31 @@ def test_resume_on_shards_gives_identical_loss_sequence(tmp_path, monkeypatch, p
     for step in range(4, 7):
         assert got[step] == ref[step], f"step {step}: {got[step]} != {ref[step]}"
     assert resumed == full
+
+
+def test_builtin_recipe_packs_and_trains_from_shards(tmp_path):
+    """``gppf data pack default`` -> ``format: shards`` for all six tasks -> train; re-id (P x K sampling)
+    reads its shards map-style, every other task streams them."""
+    from gppf.cli import main as cli_main
+    from gppf.config import default_config_path
+    from gppf.tasks import TASK_TYPES
+
+    recipe = load_config(default_config_path())
+    small = [f"tasks.{i}.data.options.{k}={v}" for i in range(6) for k, v in (("num_train", 24), ("num_val", 8))]
+    small += ["tasks.5.data.options.num_identities=10", "tasks.5.data.options.num_val=20"]
+    assert cli_main(["data", "pack", "default", "--out", str(tmp_path / "packed"), "--no-progress", *small]) == 0
+    tasks = [{"name": t.name, "type": t.type, "batch_size": 8, "image_size": 32, "max_val_samples": 8,
+              "data": {"format": "shards", "root": str(tmp_path / "packed" / t.name)}} for t in recipe.tasks]
+    cfg = load_config(base={"model": {"backbone": "gppf_r18", "legos": 4, "active": 2, "width_mult": 0.125},
+                            "tasks": tasks, "train": {"steps": 2, "eval_every": 2, "checkpoint_every": 0,
+                                                      "progress": False, "amp": "none"}})
+    metrics = train(cfg, run_dir=tmp_path / "run")
+    for t in recipe.tasks:
+        key = f"{t.name}/{TASK_TYPES.get(t.type).primary_metric}"
+        assert key in metrics and 0.0 <= metrics[key] <= 1.0, key
+    losses = _train_losses(tmp_path / "run")
+    assert sorted(losses) == [1, 2] and all(len(v) > 1 for v in losses.values())
+    state = json.loads(next((tmp_path / "run" / "checkpoints").glob("step_*/state.json")).read_text())
+    positions = state["user"]["positions"]["0"]  # which stream each task used, by its saved position
+    assert {n: p.get("format", "map") for n, p in positions.items()} == {
+        **{t.name: "shards" for t in recipe.tasks[:5]}, recipe.tasks[5].name: "map"}

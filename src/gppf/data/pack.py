@@ -186,7 +186,7 @@ def main_pack(argv: list[str]) -> int:
     p.add_argument("--limit", type=int, metavar="N", help="pack only N evenly spaced samples per split")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="key=value")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # overrides may follow options
     try:
         cfg = load_config(default_config_path() if args.config == "default" else args.config, args.overrides)
         manifests = pack_config(cfg, out=Path(args.out), shard_mb=args.shard_size, overwrite=args.overwrite,
