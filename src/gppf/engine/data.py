@@ -182,8 +182,10 @@ class ShardTaskStream:
         dataset = reader.stream(transform=transform, collate=PackedCollate(collate) if num_workers > 0 else collate,
                                 batch_size=len(range(index, batch_size, count)), seed=seed, shard=shard,
                                 start={"offset": self.offset, "workers": self.at})
+        # own generator: creating the iterator must not draw from the global RNG (exact resume)
         self.loader = DataLoader(dataset, batch_size=None, num_workers=num_workers,
-                                 persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None)
+                                 persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None,
+                                 generator=torch.Generator().manual_seed(seed))
         self._it: Iterator | None = None
 
     def __next__(self) -> Any:
