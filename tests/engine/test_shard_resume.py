@@ -8,17 +8,8 @@ import pytest
 
 from gppf.config import load_config
 from gppf.data.pack import pack_config
-from gppf.engine import simt
 from gppf.engine.trainer import train
-
-
-class Killed(Exception):
-    pass
-
-
-def _train_losses(run_dir: Path) -> dict[int, dict]:
-    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: {k: v for k, v in r.items() if k.startswith("loss")} for r in recs if r["kind"] == "train"}
+from tests.conftest import train_losses
 
 
 def _synth(domain: str) -> dict:
@@ -51,27 +42,13 @@ def shard_cfg(packed: Path, *, steps: int, extra: list[str]):
     return load_config(base=base, overrides=extra)
 
 
-def test_resume_on_shards_gives_identical_loss_sequence(tmp_path, monkeypatch, packed):
+def test_resume_on_shards_gives_identical_loss_sequence(packed, killed_and_resumed):
     """Two loader workers (the in-process stream's resume is tested in tests/data/test_shards.py)."""
     # 40 samples, batch 8: crosses an epoch; global-RNG consumers (Gumbel routing, dropout) as in test_resume
     cfg = shard_cfg(packed, steps=6, extra=["train.num_workers=2", "model.router.mode=gumbel",
                                             "tasks.cls.head.dropout=0.3", "train.eval_every=2"])
-    full = train(cfg, run_dir=tmp_path / "full")
-    ref = _train_losses(tmp_path / "full")
+    ref, got, full, resumed = killed_and_resumed(cfg, kill_at=4)  # checkpoint at 3: an odd worker offset
     assert sorted(ref) == list(range(1, 7))
-    original = simt.SIMTStep.__call__
-
-    def dies_at_step_4(self, step):
-        if step == 4:
-            raise Killed()
-        return original(self, step)
-
-    monkeypatch.setattr(simt.SIMTStep, "__call__", dies_at_step_4)
-    with pytest.raises(Killed):
-        train(cfg, run_dir=tmp_path / "killed")
-    monkeypatch.setattr(simt.SIMTStep, "__call__", original)
-    resumed = train(cfg, run_dir=tmp_path / "killed", resume=True)
-    got = _train_losses(tmp_path / "killed")
     for step in range(4, 7):
         assert got[step] == ref[step], f"step {step}: {got[step]} != {ref[step]}"
     assert resumed == full
@@ -97,7 +74,7 @@ def test_builtin_recipe_packs_and_trains_from_shards(tmp_path):
     for t in recipe.tasks:
         key = f"{t.name}/{TASK_TYPES.get(t.type).primary_metric}"
         assert key in metrics and 0.0 <= metrics[key] <= 1.0, key
-    losses = _train_losses(tmp_path / "run")
+    losses = train_losses(tmp_path / "run")
     assert sorted(losses) == [1, 2] and all(len(v) > 1 for v in losses.values())
     state = json.loads(next((tmp_path / "run" / "checkpoints").glob("step_*/state.json")).read_text())
     positions = state["user"]["positions"]["0"]  # which stream each task used, by its saved position

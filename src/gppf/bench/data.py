@@ -35,7 +35,9 @@ DATASETS: dict[str, dict[str, Any]] = {
     },
     "camvid": {
         "type": "segmentation", "image_size": 128, "batch_size": 8,
-        "data": {"format": "mask_png", "train": "train", "val": "val", "options": {"ignore_index": 11}},
+        "data": {"format": "mask_png", "train": "train", "val": "val", "options": {"ignore_index": 11},
+                 "classes": ["Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car",
+                             "Pedestrian", "Bicyclist", "Unlabelled"]},
         "synthetic": {"domain": "noisy", "size": 360}, "limit": {"full": 367, "quick": 48},
     },
 }
