@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from gppf.bench.data import main_data, per_worker_rate, task_config
+from gppf.bench.data import main_data, per_worker_rates, task_config
 from gppf.config import load_config
 from gppf.data.pack import pack_config
 
@@ -25,9 +25,10 @@ def test_per_worker_rate_counts_batches_of_the_shard_stream(tmp_path):
             "data": {"format": "synthetic", "options": {"domain": "flat", "size": 32, "num_train": 16, "num_val": 4}}}
     pack_config(load_config(base={"tasks": [task]}), out=tmp_path, show_progress=False)
     cfg = load_config(base={"tasks": [{**task, "data": {"format": "shards", "root": str(tmp_path / "t")}}]})
-    rate = per_worker_rate(cfg, batches=3)
-    assert rate["stream"] == "ShardTaskStream" and rate["samples"] == 12
-    assert rate["samples_per_s"] == pytest.approx(12 / rate["seconds"])
+    rates = per_worker_rates({"shards": cfg}, batches=3, rounds=2)["shards"]
+    assert rates["stream"] == "ShardTaskStream" and rates["samples_per_window"] == 12
+    assert len(rates["windows_samples_per_s"]) == 2
+    assert rates["samples_per_s"] == pytest.approx(sum(rates["windows_samples_per_s"]) / 2)
 
 
 @pytest.mark.slow

@@ -7,7 +7,8 @@ For CIFAR-10 (many small JPEG files) and CamVid (480x360 JPEG + PNG label maps),
 * ``per_worker_samples_per_s``: samples/s of ONE loader process (one intra-op thread, as in a DataLoader
   worker) producing training batches: read + decode + train transform + collate, through the trainer's own
   streams (``TaskStream`` over the file reader in random order; ``ShardTaskStream`` over the packed split:
-  sequential tar reads, sha256 check, shuffle buffer). Both after a first pass (warm page cache);
+  sequential tar reads, sha256 check, shuffle buffer); median of interleaved timing windows. The files
+  were just read by the packer, the shards just written: both from a warm page cache (local disk);
 * ``data_wait_fraction``: share of the wall time of real training steps (one task, ``--workers`` loader
   workers) spent blocked waiting for the next batch, from shards and from files.
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -41,7 +43,8 @@ DATASETS: dict[str, dict[str, Any]] = {
         "synthetic": {"domain": "noisy", "size": 360}, "limit": {"full": 367, "quick": 48},
     },
 }
-SIZES = {"full": {"batches": 12, "warmup": 2, "steps": 20}, "quick": {"batches": 3, "warmup": 1, "steps": 4}}
+SIZES = {"full": {"batches": 4, "rounds": 5, "warmup": 2, "steps": 20},
+         "quick": {"batches": 2, "rounds": 1, "warmup": 1, "steps": 4}}
 MODEL = {"backbone": "gppf_r18", "legos": 8, "active": 2, "width_mult": 0.5}
 
 
@@ -62,21 +65,32 @@ def task_config(name: str, *, root: Path, limit: int) -> tuple[dict[str, Any], s
             f"synthetic: {root / name} not found, built-in synthetic data instead (generated in memory, no files)")
 
 
-def per_worker_rate(run_cfg: Any, *, batches: int) -> dict[str, Any]:
-    """Samples/s of one single-threaded loader producing training batches of the run's only task."""
+def train_stream(run_cfg: Any) -> Any:
+    """The trainer's stream of the run's only task (rank 0 of 1, ``train.num_workers`` of the config)."""
     from gppf.engine.distributed import DistInfo
     from gppf.engine.trainer import _streams, build_tasks
 
+    tasks = build_tasks(run_cfg, feature_channels=[8, 16, 32, 64], pooled_dim=64)
+    (stream,) = _streams(run_cfg, tasks, {n: [0] for n in tasks}, DistInfo(), None).values()
+    return stream
+
+
+def per_worker_rates(run_cfgs: dict[str, Any], *, batches: int, rounds: int) -> dict[str, dict[str, Any]]:
+    """Samples/s of one single-threaded loader per config, timed in ``rounds`` interleaved windows of
+    ``batches`` batches (load on a shared machine hits both alike); the median window counts."""
     with fixed_threads(1):
-        tasks = build_tasks(run_cfg, feature_channels=[8, 16, 32, 64], pooled_dim=64)
-        stream = _streams(run_cfg, tasks, {n: [0] for n in tasks}, DistInfo(), None)
-        (s,) = stream.values()
-        next(s)  # first batch: opens shards / fills the shuffle buffer
-        t0, n = time.perf_counter(), 0
-        for _ in range(batches):
-            n += len(next(s))
-        seconds = time.perf_counter() - t0
-    return {"samples_per_s": n / seconds, "samples": n, "seconds": seconds, "stream": type(s).__name__}
+        streams = {k: train_stream(cfg) for k, cfg in run_cfgs.items()}
+        for s in streams.values():
+            next(s)  # first batch: opens shards / fills the shuffle buffer
+        windows: dict[str, list[float]] = {k: [] for k in streams}
+        for _ in range(rounds):
+            for kind, s in streams.items():
+                t0, n = time.perf_counter(), 0
+                for _ in range(batches):
+                    n += len(next(s))
+                windows[kind].append(n / (time.perf_counter() - t0))
+    return {k: {"samples_per_s": statistics.median(w), "windows_samples_per_s": w, "samples_per_window": n,
+                "stream": type(streams[k]).__name__} for k, w in windows.items()}
 
 
 def data_wait(run_cfg: Any, *, warmup: int, steps: int) -> dict[str, Any]:
@@ -114,7 +128,9 @@ def bench_dataset(name: str, *, root: Path, out: Path, quick: bool, workers: int
     # the files run samples from the same subset: the packed indices are its ``max`` evenly spaced samples
     runs = {kind: load_config(base={"model": MODEL, "tasks": [t], "train": train})
             for kind, t in (("files", task), ("shards", packed))}
-    rates = {kind: per_worker_rate(cfg, batches=size["batches"]) for kind, cfg in runs.items()}
+    workers0 = {k: load_config(base={"tasks": [t]}, overrides=["train.num_workers=0"])
+                for k, t in (("files", task), ("shards", packed))}
+    rates = per_worker_rates(workers0, batches=size["batches"], rounds=size["rounds"])
     waits = {kind: data_wait(cfg, warmup=size["warmup"], steps=size["steps"]) for kind, cfg in runs.items()}
     shard_bytes = sum(s["bytes"] for s in manifest["shards"])
     return {
