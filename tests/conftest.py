@@ -67,3 +67,41 @@ def tiny_run_config(*, steps: int = 6, extra: list[str] | None = None) -> RunCon
 def tiny_cfg():
     """Factory: ``tiny_cfg(steps=6, extra=[...])`` -> RunConfig of a tiny two-task run."""
     return tiny_run_config
+
+
+def train_losses(run_dir: Path) -> dict[int, dict]:
+    """``{step: {loss keys: values}}`` from a run's ``metrics.jsonl``."""
+    import json
+
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: {k: v for k, v in r.items() if k.startswith("loss")} for r in recs if r["kind"] == "train"}
+
+
+@pytest.fixture
+def killed_and_resumed(tmp_path, monkeypatch):
+    """Factory: ``killed_and_resumed(cfg, kill_at)`` trains ``cfg`` uninterrupted into ``tmp_path/full``,
+    then into ``tmp_path/killed`` dying at 0-based step ``kill_at`` and resumed from its last checkpoint.
+    Returns ``(full losses, resumed-run losses, full metrics, resumed metrics)``."""
+    from gppf.engine import simt
+    from gppf.engine.trainer import train
+
+    class Killed(Exception):
+        pass
+
+    def run(cfg: RunConfig, kill_at: int) -> tuple[dict, dict, dict, dict]:
+        full = train(cfg, run_dir=tmp_path / "full")
+        original = simt.SIMTStep.__call__
+
+        def dies(self, step):
+            if step == kill_at:
+                raise Killed()
+            return original(self, step)
+
+        monkeypatch.setattr(simt.SIMTStep, "__call__", dies)
+        with pytest.raises(Killed):
+            train(cfg, run_dir=tmp_path / "killed")
+        monkeypatch.setattr(simt.SIMTStep, "__call__", original)
+        resumed = train(cfg, run_dir=tmp_path / "killed", resume=True)
+        return train_losses(tmp_path / "full"), train_losses(tmp_path / "killed"), full, resumed
+
+    return run

@@ -53,4 +53,4 @@ def test_listing_imports_no_builtin_module():
         "print(n, sorted(m for m in sys.modules if m.startswith('gppf.') or m == 'torch'))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "18 ['gppf.registry']"
+    assert out.strip() == "19 ['gppf.registry']"

@@ -166,6 +166,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from gppf.bench.routing import main_routing
 
         return main_routing(args.rest)
+    if args.which == "data":
+        from gppf.bench.data import main_data
+
+        return main_data(args.rest)
     if args.which == "lego":
         from gppf.bench.lego import main_lego
 
@@ -262,12 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--score", choices=["logme", "gbc"], help="override the task type's estimator score")
     p.set_defaults(func=cmd_route)
-    p = sub.add_parser("bench", help="benchmarks printing JSON: lego | simt | routing | transfer")
-    p.add_argument("which", choices=["lego", "simt", "routing", "transfer"])
+    p = sub.add_parser("bench", help="benchmarks printing JSON: lego | simt | routing | transfer | data")
+    p.add_argument("which", choices=["lego", "simt", "routing", "transfer", "data"])
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark (--json, --quick, ...)")
     p.set_defaults(func=cmd_bench)
-    p = sub.add_parser("data", help="data tools: check <config> | paste ...")
-    p.add_argument("action", choices=["check", "paste"])
+    p = sub.add_parser("data", help="data tools: check <config> | pack <config> --out DIR | paste ...")
+    p.add_argument("action", choices=["check", "pack", "paste"])
     p.add_argument("config", nargs="?", help="config to check (check)")
     p.add_argument("overrides", nargs="*", default=[])
     p.set_defaults(func=cmd_data, rest=[])
@@ -293,6 +297,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     set_process_defaults()
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["data", "pack"]:
+        from gppf.data.pack import main_pack
+
+        return main_pack(argv[2:])
     if argv[:2] == ["data", "paste"]:
         from gppf.data.paste import main_paste
 

@@ -149,6 +149,7 @@ READERS: Registry[Any] = Registry(
     builtins={
         **{f: f"gppf.data.readers.{f}:build" for f in ("imagefolder", "coco", "yolo", "mask_png", "table", "idx")},
         "synthetic": "gppf.data.synthetic.dataset:build",
+        "shards": "gppf.data.shards:build",
     },
     group="gppf.readers",
 )

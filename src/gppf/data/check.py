@@ -81,6 +81,8 @@ def check_split(task: TaskConfig, *, split: str, decode: bool | int = True) -> d
         return row
     num_images = getattr(ds, "num_images", len(ds))
     row.update(classes=len(ds.classes), images=int(num_images), samples=len(ds))
+    for message in ds.verify() if callable(getattr(ds, "verify", None)) else []:  # shards: manifest checks
+        _add_problem(row, message)
     decoded_counts = _decode_all(ds, row, decode=decode)
     counter = getattr(ds, "annotation_counts", None)
     indexed = counter() if callable(counter) else {}

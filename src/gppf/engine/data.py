@@ -13,6 +13,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 
+from gppf.data.base import DataError
+
 
 EpochBatches = Callable[[int], list[list[int]]]
 
@@ -156,3 +158,46 @@ class TaskStream:
             if b == self.sampler.batches_per_epoch_of(epoch):
                 epoch, b = epoch + 1, 0
         return {"epoch": epoch, "batch_in_epoch": b}
+
+
+class ShardTaskStream:
+    """An infinite iterator of collated batches from a packed split (``gppf.data.shards.ShardStream``).
+
+    The position is exact: per logical loader worker the ``(epoch, pulled)`` of its last *consumed* batch,
+    and the worker whose batch comes next (``offset``); restore it with ``position=``.
+    """
+
+    def __init__(self, *, reader: Any, transform: Callable | None, collate: Callable, batch_size: int, seed: int,
+                 shard: tuple[int, int] = (0, 1), num_workers: int = 0, position: dict | None = None) -> None:
+        index, count = shard
+        self.workers = max(1, num_workers)
+        pos = position or {"format": "shards", "ranks": count, "workers": self.workers, "offset": 0, "at": {}}
+        if pos.get("format") != "shards" or (pos["ranks"], pos["workers"]) != (count, self.workers):
+            raise DataError(f"cannot resume the shard stream of {reader.where} exactly: saved for "
+                             f"{pos.get('ranks')} rank(s) x {pos.get('workers')} loader worker(s), now {count} x "
+                             f"{self.workers} (keep dist world and train.num_workers as in the first run)")
+        self.offset, self.at = int(pos["offset"]), {str(k): list(v) for k, v in pos["at"].items()}
+        self.consumed = 0
+        self.skipped: set[str] = set()  # messages of samples / shards skipped as bad (any worker)
+        dataset = reader.stream(transform=transform, collate=PackedCollate(collate) if num_workers > 0 else collate,
+                                batch_size=len(range(index, batch_size, count)), seed=seed, shard=shard,
+                                start={"offset": self.offset, "workers": self.at})
+        # own generator: creating the iterator must not draw from the global RNG (exact resume)
+        self.loader = DataLoader(dataset, batch_size=None, num_workers=num_workers,
+                                 persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None,
+                                 generator=torch.Generator().manual_seed(seed))
+        self._it: Iterator | None = None
+
+    def __next__(self) -> Any:
+        if self._it is None:
+            self._it = iter(self.loader)
+        batch, meta = next(self._it)
+        self.consumed += 1
+        self.at[str(meta["worker"])] = [meta["epoch"], meta["pulled"]]
+        self.skipped.update(meta["bad"])
+        return batch
+
+    def position(self) -> dict[str, Any]:
+        """Where the *consumed* stream stands (prefetched batches do not count)."""
+        return {"format": "shards", "ranks": self.loader.dataset.ranks, "workers": self.workers,  # type: ignore[attr-defined]
+                "offset": (self.offset + self.consumed) % self.workers, "at": dict(self.at)}

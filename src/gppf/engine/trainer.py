@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from gppf.backbones import create_backbone
 from gppf.config import RunConfig, save_config
 from gppf.engine import checkpoint as ckpt
-from gppf.engine.data import TaskStream
+from gppf.engine.data import ShardTaskStream, TaskStream
 from gppf.engine.distributed import BufferSync, DistInfo, GradSync, init_distributed, plan_tasks, task_groups
 from gppf.engine.logging import MetricsLogger, Progress
 from gppf.engine.model import MultiTaskModel
@@ -31,6 +31,7 @@ from gppf.engine.weighting import LossWeighting, build_weighting
 from gppf.lego.optim import LegoSGD
 from gppf.lego.router import route_churn
 from gppf.tasks import Task, build_task, check_task_types
+from gppf.tasks.base import reader_of
 
 
 class TrainError(RuntimeError):
@@ -52,7 +53,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     step_fn: SIMTStep
-    streams: dict[str, TaskStream]
+    streams: dict[str, TaskStream | ShardTaskStream]
     buffer_sync: BufferSync
     start_step: int = 0
 
@@ -154,7 +155,7 @@ def _task_cost(task: Task) -> float:
 
 
 def _streams(cfg: RunConfig, tasks: dict[str, Task], plan: dict[str, list[int]], info: DistInfo,
-             positions: dict[str, dict] | None) -> dict[str, TaskStream]:
+             positions: dict[str, dict] | None) -> dict[str, TaskStream | ShardTaskStream]:
     """This rank's infinite stream of each task it trains (its shard of the task's global batch)."""
     streams = {}
     for i, (name, task) in enumerate(tasks.items()):
@@ -165,9 +166,15 @@ def _streams(cfg: RunConfig, tasks: dict[str, Task], plan: dict[str, list[int]],
             raise TrainError(f"task '{name}': batch_size {task.cfg.batch_size} < {len(ranks)} ranks training it")
         workers = task.cfg.num_workers if task.cfg.num_workers is not None else cfg.train.num_workers
         seed = cfg.train.seed * 1000 + i
+        shard, position = (ranks.index(info.rank), len(ranks)), (positions or {}).get(name)
+        batches = _epoch_batches(task, seed)
+        if hasattr(reader_of(task.train_set), "stream") and batches is None:  # packed shards: sequential stream
+            streams[name] = ShardTaskStream(reader=reader_of(task.train_set), transform=task.train_set.transform,
+                                            collate=task.collate, batch_size=task.cfg.batch_size, seed=seed,
+                                            shard=shard, num_workers=workers, position=position)
+            continue
         streams[name] = TaskStream(dataset=task.train_set, collate=task.collate, batch_size=task.cfg.batch_size,
-                                   seed=seed, shard=(ranks.index(info.rank), len(ranks)), num_workers=workers,
-                                   position=(positions or {}).get(name), epoch_batches=_epoch_batches(task, seed))
+                                   seed=seed, shard=shard, num_workers=workers, position=position, epoch_batches=batches)
     return streams
 
 
