@@ -29,10 +29,12 @@ class Killed(Exception):
     "extra",
     [
         ["train.num_workers=0"],
+        # the default recipe's layout: checkpoints hold contiguous momentum buffers of channels_last weights
+        ["train.num_workers=0", "train.channels_last=true"],
         # global-RNG consumers (Gumbel routing noise, dropout) and a loader worker process
         ["train.num_workers=1", "model.router.mode=gumbel", "tasks.cls.head.dropout=0.3", "train.eval_every=2"],
     ],
-    ids=["plain", "gumbel-dropout-worker"],
+    ids=["plain", "channels-last", "gumbel-dropout-worker"],
 )
 def test_resume_after_kill_gives_identical_loss_sequence(tmp_path, monkeypatch, extra, tiny_cfg):
     cfg = tiny_cfg(steps=6, extra=extra)

@@ -325,11 +325,16 @@ class LegoSGD(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.flush()
         super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            for p in group["params"]:
+                # A checkpoint stores contiguous tensors; the fused kernel reads a momentum buffer as if it
+                # had its parameter's layout, so a channels_last weight needs a channels_last buffer
+                # (without this, resuming a channels_last run silently updated the wrong elements).
+                buf = self.state[p].get("momentum_buffer") if p in self.state else None
+                if buf is not None and buf.stride() != p.stride():
+                    self.state[p]["momentum_buffer"] = torch.empty_like(p).copy_(buf)
         for cells in self._cells.values():  # the state dict is a fresh dict per parameter: re-link it
             cells.state = self.state[cells.param]
-            buf = cells.state.get("momentum_buffer")
-            if buf is not None and not buf.is_contiguous():
-                cells.state["momentum_buffer"] = buf.contiguous()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for group in self.param_groups:
