@@ -303,3 +303,15 @@ def test_cli_finetune_from_a_run(pretrained_run, tmp_path, capsys):
     assert main(["finetune", "--from", str(tmp_path / "missing"), "--config", str(cfg_file), "--out",
                  str(tmp_path / "run2")]) == 1
     assert "config.yaml" in capsys.readouterr().err
+
+
+def test_auto_without_an_estimator_is_a_config_error(pretrained_run, monkeypatch):
+    from gppf.transfer import select
+    from gppf.transfer.transferability import TransferabilityError
+
+    def no_estimator(**kwargs):
+        raise TransferabilityError("no transferability estimator for task type 'plugin'")
+
+    monkeypatch.setattr(select, "rank_routes", no_estimator)
+    with pytest.raises(ConfigError, match=r"finetune\.route: auto cannot rank routes for task 'tex'.*copy:<task>"):
+        prepare_config(downstream(), source=load_pretrained(pretrained_run))
