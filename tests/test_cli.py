@@ -6,7 +6,7 @@ import pytest
 
 from gppf.cli import build_parser, default_config_path, main
 
-SUBCOMMANDS = ["pretrain", "finetune", "eval", "extract", "export", "bench", "data", "inspect"]
+SUBCOMMANDS = ["pretrain", "finetune", "eval", "extract", "export", "bench", "data", "inspect", "route"]
 
 
 def test_every_subcommand_is_registered():

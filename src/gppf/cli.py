@@ -136,6 +136,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.which == "transfer":
+        from gppf.bench.transfer import main_transfer
+
+        return main_transfer(args.rest)
     if args.which == "routing":
         from gppf.bench.routing import main_routing
 
@@ -226,8 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--score", choices=["logme", "gbc"], help="override the task type's estimator score")
     p.set_defaults(func=cmd_route)
-    p = sub.add_parser("bench", help="benchmarks printing JSON: lego | simt | routing")
-    p.add_argument("which", choices=["lego", "simt", "routing"])
+    p = sub.add_parser("bench", help="benchmarks printing JSON: lego | simt | routing | transfer")
+    p.add_argument("which", choices=["lego", "simt", "routing", "transfer"])
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark (--json, --quick, ...)")
     p.set_defaults(func=cmd_bench)
     p = sub.add_parser("data", help="data tools: check <config> | paste ...")

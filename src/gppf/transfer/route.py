@@ -13,6 +13,7 @@ from gppf.config import RunConfig
 from gppf.tasks.base import build_task
 from gppf.transfer.pretrained import load_pretrained
 from gppf.transfer.select import RouteScore, candidate_routes, iter_scores, rank_routes
+from gppf.transfer.transferability import TransferabilityError
 
 __all__ = ["print_report", "route_report"]
 
@@ -36,8 +37,11 @@ def _chosen(method: Any, ranked: list[RouteScore], candidates: dict[str, list[li
         return f"auto -> {ranked[0].candidate}", ranked[0].route
     if isinstance(method, str) and method in candidates:
         return method, candidates[method]
+    if method == "learn":
+        return method, None  # decided by training
     if isinstance(method, str):
-        return method, None  # learn: decided by training
+        raise TransferabilityError(f"route method {method!r}: not auto, learn, an [L][k] list or one of the "
+                                   f"candidates ({', '.join(candidates)})")
     return "explicit", [list(map(int, row)) for row in method]
 
 

@@ -7,7 +7,6 @@ scores the features with the task type's transferability estimator (``gppf.trans
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Iterator, Mapping, Sequence
 
@@ -20,7 +19,7 @@ from gppf.lego.router import Route
 from gppf.tasks.base import Task, TransformedDataset, reader_of
 from gppf.transfer.transferability import Estimator, TransferabilityError, estimator_for
 
-__all__ = ["RouteScore", "candidate_routes", "embed_batches", "rank_routes", "statistics_task"]
+__all__ = ["RouteScore", "candidate_routes", "embed_batches", "iter_scores", "rank_routes", "statistics_task"]
 
 BATCH = 64
 
@@ -120,13 +119,6 @@ def rank_routes(
     finally:
         backbone.train(was_training)
     return sorted(out, key=lambda r: -r.score)
-
-
-def timed_rank(**kwargs: object) -> tuple[list[RouteScore], float]:
-    """``rank_routes(**kwargs)`` and its wall time in seconds."""
-    start = time.perf_counter()
-    ranked = rank_routes(**kwargs)  # type: ignore[arg-type]
-    return ranked, time.perf_counter() - start
 
 
 def iter_scores(ranked: Sequence[RouteScore]) -> Iterator[dict[str, object]]:
