@@ -14,6 +14,7 @@ from gppf.engine import simt
 from gppf.lego.layers import rows_used
 from gppf.transfer.finetune import finetune, prepare_config, scratch_route
 from gppf.transfer.pretrained import load_pretrained
+from tests.engine.test_resume import _train_losses as train_losses
 
 TRAIN = {"steps": 3, "lr": 0.05, "warmup_steps": 1, "checkpoint_every": 3, "eval_every": 0, "progress": False,
          "amp": "none", "channels_last": False, "deterministic": True, "num_workers": 0}
@@ -41,33 +42,24 @@ def saved_config(run_dir: Path) -> dict:
     return yaml.safe_load((run_dir / "config.yaml").read_text())
 
 
-def train_losses(run_dir: Path) -> dict[int, dict]:
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if rec["kind"] == "train":
-            out[rec["step"]] = {k: v for k, v in rec.items() if k.startswith("loss")}
-    return out
-
-
 def _source_row(src: dict[str, torch.Tensor], key: str, tasks: list[str], task: str) -> torch.Tensor:
     return src[key][tasks.index(task)]
 
 
+def _tuned(source: Path, factory: pytest.TempPathFactory, *, mode: str, route: str) -> Path:
+    run = factory.mktemp("ft") / mode
+    finetune(downstream(finetune_={"mode": mode, "route": route}), from_run=source, run_dir=run)
+    return run
+
+
 @pytest.fixture(scope="module")
 def linear_run(pretrained_run, tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("ft") / "linear"
-    finetune(downstream(finetune_={"mode": "linear", "route": "copy:classification"}), from_run=pretrained_run,
-             run_dir=run)
-    return run
+    return _tuned(pretrained_run, tmp_path_factory, mode="linear", route="copy:classification")
 
 
 @pytest.fixture(scope="module")
 def full_run(pretrained_run, tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("ft") / "full"
-    finetune(downstream(finetune_={"mode": "full", "route": "copy:segmentation"}), from_run=pretrained_run,
-             run_dir=run)
-    return run
+    return _tuned(pretrained_run, tmp_path_factory, mode="full", route="copy:segmentation")
 
 
 def test_linear_mode_leaves_every_backbone_parameter_and_bn_buffer_bit_identical(pretrained_run, linear_run):
@@ -303,3 +295,25 @@ def test_cli_finetune_from_a_run(pretrained_run, tmp_path, capsys):
     assert main(["finetune", "--from", str(tmp_path / "missing"), "--config", str(cfg_file), "--out",
                  str(tmp_path / "run2")]) == 1
     assert "config.yaml" in capsys.readouterr().err
+
+
+def test_auto_without_an_estimator_is_a_config_error(pretrained_run, monkeypatch):
+    from gppf.transfer import select
+    from gppf.transfer.transferability import TransferabilityError
+
+    def no_estimator(**kwargs):
+        raise TransferabilityError("no transferability estimator for task type 'plugin'")
+
+    monkeypatch.setattr(select, "rank_routes", no_estimator)
+    with pytest.raises(ConfigError, match=r"finetune\.route: auto cannot rank routes for task 'tex'.*copy:<task>"):
+        prepare_config(downstream(), source=load_pretrained(pretrained_run))
+
+
+def test_example_config_prepares_from_none():
+    from gppf.registry import TASK_TYPES
+    from tests.conftest import REPO
+
+    cfg = load_config(REPO / "configs" / "finetune_textured.yaml", task_types=TASK_TYPES.names())
+    prepared, _ = prepare_config(cfg, source=None)
+    assert prepared.finetune.resolved == {"shapes_textured": "scratch (auto: --from none)"}
+    assert prepared.tasks[0].route == [[0, 1]] * 8  # GPPF-R18: 8 routing points

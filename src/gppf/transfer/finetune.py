@@ -197,11 +197,16 @@ def _auto(tc: TaskConfig, ft: FinetuneConfig, *, source: Pretrained, seed: int) 
     The task starts from the BN statistics its route was scored with (``select.statistics_task``)."""
     from gppf.tasks import build_task
     from gppf.transfer import select
+    from gppf.transfer.transferability import TransferabilityError
 
     backbone = source.model.backbone
     task = build_task(tc, feature_channels=backbone.feature_channels, pooled_dim=backbone.pooled_dim)
-    ranking = select.rank_routes(backbone=backbone, task=task, candidates=select.candidate_routes(backbone),
-                                 samples=ft.auto_samples, device=next(backbone.parameters()).device, seed=seed)
+    try:
+        ranking = select.rank_routes(backbone=backbone, task=task, candidates=select.candidate_routes(backbone),
+                                     samples=ft.auto_samples, device=next(backbone.parameters()).device, seed=seed)
+    except TransferabilityError as exc:
+        raise ConfigError(f"finetune.route: auto cannot rank routes for task '{tc.name}' ({exc}); choose "
+                          "copy:<task>, learn or an explicit route for it") from exc
     print(f"auto route for task '{tc.name}' (best first, {ranking[0].method if ranking else '-'}):")
     for r in ranking:
         print(f"  {r.candidate:<32} {r.score:+.4f}")
