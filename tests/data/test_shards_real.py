@@ -76,10 +76,7 @@ def test_train_on_real_shards_and_resume_exactly(packed, killed_and_resumed):
     base = {"model": {"backbone": "gppf_r18", "legos": 4, "active": 2, "width_mult": 0.125},
             "tasks": _shard_tasks(packed),
             "train": {"steps": 5, "lr": 0.05, "warmup_steps": 1, "checkpoint_every": 2, "eval_every": 5,
-                      "num_workers": 1, "progress": False, "amp": "none", "deterministic": True,
-                      # adamw: with the default LegoSGD this config does not resume exactly even from the
-                      # original files (step 4 differs; a LegoSGD issue, not the data stream's)
-                      "optimizer": "adamw"}}
+                      "num_workers": 1, "progress": False, "amp": "none", "deterministic": True}}
     ref, got, metrics, resumed = killed_and_resumed(load_config(base=base), kill_at=3)
     assert 0.0 <= metrics["cifar10/top1"] <= 1.0 and 0.0 <= metrics["camvid/miou"] <= 1.0
     assert [got[s] for s in (3, 4, 5)] == [ref[s] for s in (3, 4, 5)]

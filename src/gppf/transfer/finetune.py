@@ -19,6 +19,8 @@ head whose task name and type match a pre-training task is loaded from the check
 """
 from __future__ import annotations
 
+import os
+
 import copy
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,9 +209,10 @@ def _auto(tc: TaskConfig, ft: FinetuneConfig, *, source: Pretrained, seed: int) 
     except TransferabilityError as exc:
         raise ConfigError(f"finetune.route: auto cannot rank routes for task '{tc.name}' ({exc}); choose "
                           "copy:<task>, learn or an explicit route for it") from exc
-    print(f"auto route for task '{tc.name}' (best first, {ranking[0].method if ranking else '-'}):")
-    for r in ranking:
-        print(f"  {r.candidate:<32} {r.score:+.4f}")
+    if os.environ.get("RANK", "0") == "0":  # every rank ranks (same result); one prints
+        print(f"auto route for task '{tc.name}' (best first, {ranking[0].method if ranking else '-'}):")
+        for r in ranking:
+            print(f"  {r.candidate:<32} {r.score:+.4f}")
     if not ranking:
         raise ConfigError(f"finetune.route: auto found no candidate route for task '{tc.name}'")
     best = ranking[0]
