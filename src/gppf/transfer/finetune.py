@@ -19,9 +19,8 @@ head whose task name and type match a pre-training task is loaded from the check
 """
 from __future__ import annotations
 
-import os
-
 import copy
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
