@@ -122,6 +122,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from gppf.bench.lego import main_lego
 
         return main_lego(args.rest)
+    if args.which == "dist":
+        from gppf.bench.dist import main_dist
+
+        return main_dist(args.rest)
+    if args.which == "gpu":
+        from gppf.bench.gpu import main_gpu
+
+        return main_gpu(args.rest)
     from gppf.bench.simt import main_simt
 
     return main_simt(args.rest)
@@ -173,8 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=f"{text} (not implemented yet)")
         p.add_argument("args", nargs="*")
         p.set_defaults(func=not_implemented(name))
-    p = sub.add_parser("bench", help="benchmarks printing JSON: lego | simt | routing")
-    p.add_argument("which", choices=["lego", "simt", "routing"])
+    p = sub.add_parser("bench", help="benchmarks printing JSON: lego | simt | routing | dist | gpu")
+    p.add_argument("which", choices=["lego", "simt", "routing", "dist", "gpu"])
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark (--json, --quick, ...)")
     p.set_defaults(func=cmd_bench)
     p = sub.add_parser("data", help="data tools: check <config> | paste ...")
