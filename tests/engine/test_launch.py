@@ -95,8 +95,10 @@ def _pretrain(config: Path, out: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def config(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("launch") / "tiny.yaml"
-    synth = lambda domain: {"format": "synthetic", "options": {"domain": domain, "size": 32, "num_train": 48,  # noqa: E731
-                                                                "num_val": 16}}
+
+    def synth(domain: str) -> dict:
+        return {"format": "synthetic", "options": {"domain": domain, "size": 32, "num_train": 48, "num_val": 16}}
+
     base = {
         "model": {"backbone": "gppf_r18", "legos": 4, "active": 2, "width_mult": 0.125},
         "tasks": [
