@@ -9,4 +9,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
-exec timeout 600 "${PYTHON:-python}" -m gppf.bench.gpu --json "$@"
+py="${PYTHON:-python}"
+if ! "$py" -c "import torch, gppf" 2>/dev/null; then  # still one JSON object, naming the problem
+  printf '{"bench": "gpu", "cuda": null, "ok": false, "reason": "%s cannot import torch and gppf: set PYTHON to the environment'"'"'s interpreter"}\n' "$py"
+  exit 1
+fi
+exec timeout 600 "$py" -m gppf.bench.gpu --json "$@"
