@@ -29,16 +29,17 @@ def _load(config: str | None, overrides: list[str]) -> RunConfig:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from gppf.engine.trainer import train
+    from gppf.engine.trainer import can_resume, train
 
-    if args.resume:
+    if args.resume and args.resume != "auto":
         run_dir = Path(args.resume)
         config = args.config or str(run_dir / "config.yaml")
         cfg = _load(config, args.overrides)
     else:
         cfg = _load(args.config, args.overrides)
         run_dir = Path(args.out)
-    metrics = train(cfg, run_dir=run_dir, resume=bool(args.resume))
+    resume = can_resume(cfg, run_dir) if args.resume == "auto" else bool(args.resume)
+    metrics = train(cfg, run_dir=run_dir, resume=resume)
     _print_summary(metrics, run_dir)
     return 0
 
@@ -174,6 +175,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from gppf.bench.lego import main_lego
 
         return main_lego(args.rest)
+    if args.which == "dist":
+        from gppf.bench.dist import main_dist
+
+        return main_dist(args.rest)
+    if args.which == "gpu":
+        from gppf.bench.gpu import main_gpu
+
+        return main_gpu(args.rest)
     from gppf.bench.simt import main_simt
 
     return main_simt(args.rest)
@@ -216,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="SIMT multi-task pre-training (default: built-in recipe)")
     _add_config_args(p)
     p.add_argument("--out", default="runs/pretrain", help="run directory")
-    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint; 'auto': "
+                   "continue --out if it holds a checkpoint of this config, else start it (requeued jobs)")
     p.set_defaults(func=cmd_pretrain)
     p = sub.add_parser("eval", help="evaluate a run's last checkpoint on every task's validation split")
     p.add_argument("run", help="run directory")
@@ -266,8 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--score", choices=["logme", "gbc"], help="override the task type's estimator score")
     p.set_defaults(func=cmd_route)
-    p = sub.add_parser("bench", help="benchmarks printing JSON: lego | simt | routing | transfer | data")
-    p.add_argument("which", choices=["lego", "simt", "routing", "transfer", "data"])
+    p = sub.add_parser("bench", help="benchmarks printing JSON: lego | simt | routing | transfer | data | dist | gpu")
+    p.add_argument("which", choices=["lego", "simt", "routing", "transfer", "data", "dist", "gpu"])
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark (--json, --quick, ...)")
     p.set_defaults(func=cmd_bench)
     p = sub.add_parser("data", help="data tools: check <config> | pack <config> --out DIR | paste ...")

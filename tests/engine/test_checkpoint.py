@@ -287,7 +287,7 @@ def test_rng_roundtrip() -> None:
         restore_rng(states, generators={"other": torch.Generator()})
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_cuda_roundtrip(tmp_path: Path) -> None:
     dev = torch.device("cuda")
     model = nn.Linear(4, 2).to(dev)

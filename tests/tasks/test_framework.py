@@ -167,7 +167,7 @@ def test_synthetic_reader_with_real_backbone(task_type):
     assert set(values) == set(task.chance()) and all(0.0 <= v <= 1.0 for v in values.values())
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 @pytest.mark.parametrize("task_type", ["classification", "multilabel", "segmentation", "reid"])
 def test_cuda_bf16_channels_last(task_type, tiny_cfg, tiny_backbone):
     head = {"width": 16} if task_type == "segmentation" else {"emb_dim": 16} if task_type == "reid" else {}

@@ -20,11 +20,19 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 
+def _cuda_wall() -> float:
+    """Wall time once the CUDA queue has drained (a timed region ends when its kernels do)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 CLOCKS: dict[str, Callable[[], float]] = {
     "wall": time.perf_counter,
     # CPU time of this process: with one compute thread, the step's own work, and far less sensitive
     # than wall time to other processes competing for a shared machine's cores.
     "cpu": time.process_time,
+    "cuda": _cuda_wall,  # wall time with the CUDA queue synchronised (benchmarks on a GPU)
 }
 
 
@@ -102,8 +110,11 @@ def medians(times: Mapping[str, list[float]]) -> dict[str, float]:
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def peak_alloc_bytes(fn: Callable[[], object]) -> int:
+def peak_alloc_bytes(fn: Callable[[], object], *, device: str | torch.device = "cpu") -> int:
     """Peak bytes allocated on the CPU allocator while ``fn`` runs, above what existed before it.
+
+    On a CUDA ``device``: the CUDA caching allocator's peak (``max_memory_allocated``) above what was
+    allocated before ``fn``.
 
     Uses the profiler's ``[memory]`` events (one per allocation / free, ``nbytes`` signed): sorted by
     time, the maximum of their running sum. The profiler does not see frees of blocks allocated
@@ -111,6 +122,13 @@ def peak_alloc_bytes(fn: Callable[[], object]) -> int:
     an upper bound of the rise, exact when ``fn`` frees nothing older than itself.
     """
     gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = [

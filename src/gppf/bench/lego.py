@@ -23,7 +23,8 @@ Every model of a regime is stepped interleaved in one process after warm-up roun
 thread count (default 1: on a shared 2-core machine OpenMP barriers make multi-threaded timings
 erratic). Steps are timed by the process's CPU time (``--clock cpu``, the default: with one thread,
 the step's own work, robust to other processes competing for the cores) or by wall time
-(``--clock wall``). ``--regime`` picks one regime (default all); ``--quick`` shrinks everything to a smoke test
+(``--clock wall``); with ``--device cuda`` by wall time with the CUDA queue synchronised, and memory is
+the CUDA allocator's peak. ``--regime`` picks one regime (default all); ``--quick`` shrinks everything to a smoke test
 (not a measurement).
 """
 from __future__ import annotations
@@ -59,32 +60,33 @@ def goal_keys(regimes: list[str]) -> dict[str, float]:
 
 
 def run_regime(name: str, *, quick: bool, repeats: int, warmup: int, sgd: str, lazy: bool, clock: str,
-               overrides: dict[str, Any]) -> dict[str, Any]:
+               overrides: dict[str, Any], device: str = "cpu") -> dict[str, Any]:
     """Run one regime with its defaults (``quick`` sizes), then ``overrides`` (CLI values)."""
     if name == "r18_32px":
         from gppf.bench.small import SMALL_DEFAULTS, SMALL_QUICK, run_small_regime
 
         kw = {**(SMALL_QUICK if quick else SMALL_DEFAULTS)}
         kw.update({k: v for k, v in overrides.items() if k in kw and v is not None})
-        return run_small_regime(**kw, repeats=repeats, warmup=warmup, sgd=sgd, clock=clock)
+        return run_small_regime(**kw, repeats=repeats, warmup=warmup, sgd=sgd, clock=clock, device=device)
     from gppf.bench.r50 import default_recipe_tasks, run_r50_regime
 
     kw = {**R50[name], **(R50_QUICK if quick else {})}
     kw.update({k: v for k, v in overrides.items() if k in kw and k != "tasks" and v is not None})
     n_tasks = kw.pop("tasks")
     tasks = default_recipe_tasks()[:n_tasks] if n_tasks > 1 else ["t"]
-    return run_r50_regime(tasks=tasks, **kw, repeats=repeats, warmup=warmup, sgd=sgd, lazy=lazy, clock=clock)
+    return run_r50_regime(tasks=tasks, **kw, repeats=repeats, warmup=warmup, sgd=sgd, lazy=lazy, clock=clock,
+                          device=device)
 
 
 def run_lego_bench(*, regimes: list[str], quick: bool, repeats: int, warmup: int, threads: int | None,
                    sgd: str = "fused", lazy: bool = True, clock: str = "cpu",
-                   overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+                   overrides: dict[str, Any] | None = None, device: str = "cpu") -> dict[str, Any]:
     """Measure the given regimes; a JSON-ready dict with the flat ratios, per-regime details and goals."""
     results: dict[str, Any] = {}
     with fixed_threads(threads) as n_threads:
         for name in regimes:
             results[name] = run_regime(name, quick=quick, repeats=repeats, warmup=warmup, sgd=sgd, lazy=lazy,
-                                       clock=clock, overrides=overrides or {})
+                                       clock=clock, overrides=overrides or {}, device=device)
     goals = goal_keys(regimes)
     values = {key: results[key.split("/")[0]][key.split("/")[1]] for key in goals}
     return {
@@ -94,7 +96,7 @@ def run_lego_bench(*, regimes: list[str], quick: bool, repeats: int, warmup: int
         "goals": goals,
         "meets_goals": meets(values, goals),
         "config": dict(regimes=regimes, quick=quick, repeats=repeats, warmup=warmup, threads=n_threads,
-                       sgd=sgd, lazy=lazy, clock=clock, device="cpu", **env_info()),
+                       sgd=sgd, lazy=lazy, clock=clock, device=device, **env_info()),
     }
 
 
@@ -106,6 +108,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, help="timed interleaved rounds (default 5; quick 1)")
     p.add_argument("--warmup", type=int, help="untimed rounds first (default 2; quick 1)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default 1)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:i]: on CUDA steps are timed by wall "
+                   "time with the queue synchronised and memory is the CUDA allocator's peak")
     p.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
                    help="time steps by this process's CPU time (default: with one thread, the step's own work, "
                         "robust to other processes on a shared machine) or by wall time")
@@ -132,8 +136,9 @@ def main_lego(argv: list[str]) -> int:
     regimes = list(REGIMES) if args.regime == "all" else [args.regime]
     overrides = {k: getattr(args, k) for k in ("batch", "image_size", "legos_small", "legos_large", "legos",
                                                "active", "tasks")}
+    clock = "cuda" if args.device.startswith("cuda") else args.clock
     result = run_lego_bench(regimes=regimes, quick=args.quick, sgd=args.sgd, lazy=not args.no_lazy,
-                            clock=args.clock, overrides=overrides, **kw)
+                            clock=clock, overrides=overrides, device=args.device, **kw)
     emit(result, as_json=args.json)
     return 0 if all(math.isfinite(result[k]) for k in result["goals"]) else 1
 

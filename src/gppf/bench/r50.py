@@ -89,6 +89,7 @@ class Trainee:
     opt: torch.optim.Optimizer
     batches: dict[str, tuple[Tensor, Tensor]]
     clock: Callable[[], float] = time.perf_counter
+    device: torch.device = torch.device("cpu")
     phases_s: dict[str, list[float]] = field(default_factory=dict)
 
     def step(self) -> None:
@@ -102,7 +103,7 @@ class Trainee:
         fwd, bwd = clock() - ta, 0.0
         for task, (x, y) in self.batches.items():
             ta = clock()
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16):
                 logits = self.model(x, task, route=routes.get(task))
                 loss = F.cross_entropy(logits.float(), y) / len(self.batches)
             tb = clock()
@@ -124,7 +125,7 @@ class Trainee:
     def route(self, backbone: nn.Module) -> dict[str, Route]:
         """Every task's route, drawn once up front; a ``LegoSGD`` is told the rows they use (as the
         engine's SIMT step does)."""
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16):
             routes = {t: backbone.router(t) for t in self.batches}
         if isinstance(self.opt, LegoSGD) and self.opt.lazy_params:
             self.opt.prepare(rows_used(backbone.lego_rows(), [r.idx_LK for r in routes.values()]))
@@ -146,23 +147,24 @@ def make_sgd(params: Any, *, impl: SgdImpl, lazy: bool, lego_params: Sequence[Le
 
 
 def make_trainee(model: MultiHead, *, tasks: list[str], batch: int, image_size: int, sgd: SgdImpl, lazy: bool,
-                 weights_channels_last: bool, clock: Callable[[], float]) -> Trainee:
-    """Train mode, weights in the asked layout (lego weights stay contiguous), seeded batches."""
-    model.train()
+                 weights_channels_last: bool, clock: Callable[[], float], device: str = "cpu") -> Trainee:
+    """Train mode, weights in the asked layout (lego weights stay contiguous), seeded batches, on ``device``."""
+    model.train().to(device)
     if weights_channels_last:
         model.to(memory_format=torch.channels_last)
     gen = torch.Generator().manual_seed(0)
     batches = {}
     for t in tasks:
         x = torch.randn(batch, 3, image_size, image_size, generator=gen).to(memory_format=torch.channels_last)
-        batches[t] = (x, torch.randint(0, NUM_CLASSES, (batch,), generator=gen))
+        batches[t] = (x.to(device), torch.randint(0, NUM_CLASSES, (batch,), generator=gen).to(device))
     declared = model.parts["backbone"].lego_rows() if "backbone" in model.parts else []
     opt = make_sgd(model.parameters(), impl=sgd, lazy=lazy, lego_params=declared)
-    return Trainee(model=model, opt=opt, batches=batches, clock=clock)
+    return Trainee(model=model, opt=opt, batches=batches, clock=clock, device=torch.device(device))
 
 
 def build_trainees(*, tasks: list[str], batch: int, image_size: int, legos_small: int, legos_large: int,
-                   active: int, sgd: SgdImpl, lazy: bool, clock: Callable[[], float]) -> dict[str, Trainee]:
+                   active: int, sgd: SgdImpl, lazy: bool, clock: Callable[[], float],
+                   device: str = "cpu") -> dict[str, Trainee]:
     """The two dense layouts and the two routed models, on the same batches (init seeded once)."""
     torch.manual_seed(0)
     models = {
@@ -172,14 +174,15 @@ def build_trainees(*, tasks: list[str], batch: int, image_size: int, legos_small
         "routed_small": (routed_model(tasks, legos=legos_small, active=active), True),
     }
     return {name: make_trainee(m, tasks=tasks, batch=batch, image_size=image_size, sgd=sgd,
-                               lazy=lazy and name.startswith("routed"), weights_channels_last=cl, clock=clock)
+                               lazy=lazy and name.startswith("routed"), weights_channels_last=cl, clock=clock,
+                               device=device)
             for name, (m, cl) in models.items()}
 
 
 def step_memory(trainee: Trainee) -> int:
     """Allocator peak of one step beyond params/grads/optimizer state (after a warm-up step)."""
     trainee.step()
-    return peak_alloc_bytes(trainee.step)
+    return peak_alloc_bytes(trainee.step, device=trainee.device)
 
 
 def state_bytes(trainee: Trainee) -> int:
@@ -192,10 +195,11 @@ def state_bytes(trainee: Trainee) -> int:
 
 def run_r50_regime(*, tasks: list[str], batch: int, image_size: int, repeats: int, warmup: int,
                    legos_small: int, legos_large: int, active: int, sgd: SgdImpl, lazy: bool,
-                   clock: str = "wall") -> dict[str, Any]:
+                   clock: str = "wall", device: str = "cpu") -> dict[str, Any]:
     """Interleaved step times, phases and step memory of the four models; ratios against the best dense."""
     trainees = build_trainees(tasks=tasks, batch=batch, image_size=image_size, legos_small=legos_small,
-                              legos_large=legos_large, active=active, sgd=sgd, lazy=lazy, clock=CLOCKS[clock])
+                              legos_large=legos_large, active=active, sgd=sgd, lazy=lazy, clock=CLOCKS[clock],
+                              device=device)
     samples = interleaved_times({n: t.step for n, t in trainees.items()}, repeats=repeats, warmup=warmup,
                                 clock=CLOCKS[clock])
     med = medians(samples)
@@ -216,7 +220,7 @@ def run_r50_regime(*, tasks: list[str], batch: int, image_size: int, repeats: in
         "config": dict(
             backbone="gppf_r50 vs torchvision resnet50", tasks=len(tasks), task_names=tasks,
             batch_per_task=batch, image_size=image_size, legos_small=legos_small, legos_large=legos_large,
-            active=active, repeats=repeats, warmup=warmup, clock=clock,
+            active=active, repeats=repeats, warmup=warmup, clock=clock, device=device,
             routes="learned (topk_st gates, router losses)",
             dtype="bfloat16 autocast", inputs="channels_last",
             optimizer=f"SGD({', '.join(f'{k}={v}' for k, v in SGD_KW.items())}, {sgd} kernels): torch.optim.SGD "

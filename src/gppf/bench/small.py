@@ -118,10 +118,10 @@ class TimedLegoSGD(LegoSGD):
 
 
 def build_step(variant: str, *, tasks: int, batch: int, image_size: int, legos: int, active: int,
-               classes: int, sgd: str = "fused", clock: str = "wall") -> SIMTStep:
-    """The engine's SIMT step over ``tasks`` fixed batches (SGD as the trainer builds it)."""
+               classes: int, sgd: str = "fused", clock: str = "wall", device: str = "cpu") -> SIMTStep:
+    """The engine's SIMT step over ``tasks`` fixed batches on ``device`` (SGD as the trainer builds it)."""
     names = task_names(tasks)
-    model = build_model(variant, tasks=names, legos=legos, active=active, classes=classes)
+    model = build_model(variant, tasks=names, legos=legos, active=active, classes=classes).to(device)
     groups = model.param_groups(lr=OPTIM["lr"], weight_decay=OPTIM["weight_decay"],
                                 router_lr_mult=OPTIM["router_lr_mult"])
     optimizer = TimedLegoSGD(groups, lr=OPTIM["lr"], momentum=OPTIM["momentum"], nesterov=True,
@@ -133,14 +133,14 @@ def build_step(variant: str, *, tasks: int, batch: int, image_size: int, legos: 
     for t in names:
         x = torch.randn(batch, 3, image_size, image_size, generator=gen).to(memory_format=torch.channels_last)
         y = torch.randint(0, classes, (batch,), generator=gen)
-        streams[t] = Repeat(Batch(images=x, targets=[], stacked={"label": y}))
+        streams[t] = Repeat(Batch(images=x.to(device), targets=[], stacked={"label": y.to(device)}))
     info = DistInfo()
     return SIMTStep(model=model, streams=streams, losses={t: model.heads[t].loss for t in names},
                     global_batch={t: batch for t in names},
                     weighting=StaticWeighting(tasks=names, static_weights={t: 1.0 for t in names}),
                     optimizer=optimizer, scheduler=None,
                     grad_sync=GradSync(params=params, info=info), info=info,
-                    device=torch.device("cpu"), grad_clip=OPTIM["grad_clip"], amp_dtype=torch.bfloat16,
+                    device=torch.device(device), grad_clip=OPTIM["grad_clip"], amp_dtype=torch.bfloat16,
                     channels_last=True)
 
 
@@ -177,14 +177,16 @@ def grad_pass_times(stepper: Stepper, *, repeats: int, clock: Callable[[], float
 
 
 def run_small_regime(*, tasks: int, batch: int, image_size: int, legos: int, active: int, classes: int,
-                     repeats: int, warmup: int, sgd: str = "fused", clock: str = "wall") -> dict[str, Any]:
+                     repeats: int, warmup: int, sgd: str = "fused", clock: str = "wall",
+                     device: str = "cpu") -> dict[str, Any]:
     """Interleaved whole-SIMT-step times, step memory and gradient-pass times of the three variants."""
     steppers = {v: Stepper(build_step(v, tasks=tasks, batch=batch, image_size=image_size, legos=legos,
-                                      active=active, classes=classes, sgd=sgd, clock=clock)) for v in VARIANTS}
+                                      active=active, classes=classes, sgd=sgd, clock=clock, device=device))
+                for v in VARIANTS}
     samples = interleaved_times(steppers, repeats=repeats, warmup=warmup, clock=CLOCKS[clock])
     med = medians(samples)
     optimizer_s = {v: s.step_fn.optimizer.medians(repeats) for v, s in steppers.items()}
-    mem = {v: peak_alloc_bytes(s) for v, s in steppers.items()}
+    mem = {v: peak_alloc_bytes(s, device=device) for v, s in steppers.items()}
     passes = {v: grad_pass_times(s, repeats=max(3, repeats), clock=CLOCKS[clock]) for v, s in steppers.items()}
     params = {v: sum(p.numel() for p in s.step_fn.model.parameters()) for v, s in steppers.items()}
     return {
@@ -200,7 +202,7 @@ def run_small_regime(*, tasks: int, batch: int, image_size: int, legos: int, act
         "skipped_steps": sum(s.skipped for s in steppers.values()),
         "config": dict(backbone="gppf_r18", width_mult=1.0, tasks=tasks, batch_per_task=batch,
                        image_size=image_size, legos=legos, active=active, classes=classes, repeats=repeats,
-                       warmup=warmup, clock=clock, step="gppf.engine.simt.SIMTStep (whole step, fixed batches)",
+                       warmup=warmup, clock=clock, device=device, step="gppf.engine.simt.SIMTStep (whole step, fixed batches)",
                        optimizer=f"LegoSGD(nesterov, {sgd} kernel, {OPTIM})", dtype="bfloat16 autocast",
                        memory_format="channels_last"),
     }

@@ -346,9 +346,55 @@ def _write_routes(run: Run) -> None:
     (run.run_dir / "router.json").write_text(json.dumps(meta, indent=1))
 
 
+def elastic_restart_count() -> int:
+    """How often this node's torchrun agent has relaunched its workers (0: first attempt)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+
+
+def elastic_job() -> bool:
+    """Launched by torchrun with ``--max-restarts`` > 0. Every rank decides alike (agents of other nodes
+    may count restarts differently), so such a job always continues its own checkpoints."""
+    return int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0
+
+
+def _check_restart_store(restart: int) -> None:
+    """A relaunch on torchrun's shared rendezvous store reads the dead attempt's addresses (gloo fails to
+    connect, NCCL may pick a stale id; pytorch/pytorch#135712): name the fix instead of hanging."""
+    if restart > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        raise TrainError("torchrun restarted this job on its shared rendezvous store, which still holds the failed "
+                         "attempt's keys: launch torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
+                         "(docs/distributed.md, Elastic restart)")
+
+
+def can_resume(cfg: RunConfig, run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a checkpoint of a run with this very config (``--resume auto`` and elastic
+    restarts). False when it holds no complete checkpoint (half-written ``.tmp`` folders never count);
+    a ``TrainError`` when its checkpoints belong to a run with another config."""
+    if ckpt.find_latest(run_dir) is None:
+        return False
+    import yaml
+
+    from gppf.config import to_dict
+
+    saved = run_dir / "config.yaml"
+    mine = yaml.safe_load(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    if not saved.is_file() or yaml.safe_load(saved.read_text()) != mine:
+        raise TrainError(f"{run_dir} holds checkpoints of a run with another config ({saved.name} differs): "
+                         "resume it with its own config, or choose a new --out directory")
+    return True
+
+
 def train(cfg: RunConfig, *, run_dir: Path, resume: bool = False,
           init: Callable[[MultiTaskModel], None] | None = None) -> dict[str, float]:
-    """Run (or resume) a SIMT training; returns the final validation metrics (``init``: see ``build_run``)."""
+    """Run (or resume) a SIMT training; returns the final validation metrics (``init``: see ``build_run``).
+
+    Under ``torchrun --max-restarts N`` (N > 0) a relaunched job resumes from the run's last complete
+    checkpoint by itself (see :func:`can_resume`).
+    """
+    restart = elastic_restart_count()
+    _check_restart_store(restart)
+    if not resume and elastic_job():
+        resume = can_resume(cfg, run_dir)
     if not resume and ckpt.find_latest(run_dir) is not None:
         raise TrainError(f"{run_dir} already holds checkpoints of another run: continue it with "
                          f"--resume {run_dir}, or choose a new --out directory")
@@ -358,6 +404,8 @@ def train(cfg: RunConfig, *, run_dir: Path, resume: bool = False,
         save_config(cfg, run_dir / "config.yaml")
         write_task_specs(run)
     logger = MetricsLogger(run_dir=run_dir, enabled=run.info.is_main, append=resume)
+    if elastic_job() and resume:
+        logger.warn(f"elastic job (torchrun restart {restart} on this node): resumed from step {run.start_step}")
     progress = Progress(total=cfg.train.steps, start=run.start_step, enabled=run.info.is_main and cfg.train.progress)
     bad_streak, metrics = 0, {}
     run.model.backbone.router.set_progress(run.start_step, cfg.train.steps)
