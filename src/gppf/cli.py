@@ -219,20 +219,8 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=100")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gppf", description="General perception pre-training with lego backbones.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("pretrain", help="SIMT multi-task pre-training (default: built-in recipe)")
-    _add_config_args(p)
-    p.add_argument("--out", default="runs/pretrain", help="run directory")
-    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint; 'auto': "
-                   "continue --out if it holds a checkpoint of this config, else start it (requeued jobs)")
-    p.set_defaults(func=cmd_pretrain)
-    p = sub.add_parser("eval", help="evaluate a run's last checkpoint on every task's validation split")
-    p.add_argument("run", help="run directory")
-    _add_config_args(p)
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_eval)
+def _add_transfer_parsers(sub: argparse._SubParsersAction) -> None:
+    """extract, predict, export, finetune, route."""
     p = sub.add_parser("extract", help="extract one task (backbone route + head) as a plain dense model + JSON sidecar")
     p.add_argument("run", help="run directory")
     p.add_argument("--task", required=True)
@@ -276,6 +264,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--score", choices=["logme", "gbc"], help="override the task type's estimator score")
     p.set_defaults(func=cmd_route)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gppf", description="General perception pre-training with lego backbones.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("pretrain", help="SIMT multi-task pre-training (default: built-in recipe)")
+    _add_config_args(p)
+    p.add_argument("--out", default="runs/pretrain", help="run directory")
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint; 'auto': "
+                   "continue --out if it holds a checkpoint of this config, else start it (requeued jobs)")
+    p.set_defaults(func=cmd_pretrain)
+    p = sub.add_parser("eval", help="evaluate a run's last checkpoint on every task's validation split")
+    p.add_argument("run", help="run directory")
+    _add_config_args(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval)
+    _add_transfer_parsers(sub)
     p = sub.add_parser("bench", help="benchmarks printing JSON: lego | simt | routing | transfer | data | dist | gpu")
     p.add_argument("which", choices=["lego", "simt", "routing", "transfer", "data", "dist", "gpu"])
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark (--json, --quick, ...)")

@@ -33,8 +33,8 @@ from gppf.config import RunConfig, load_config, to_dict
 
 __all__ = ["DOWNSTREAM", "bench_transfer", "downstream_tasks", "main_transfer", "pretrain_config", "spearman"]
 
-QUICK = {"pretrain_steps": 250, "steps": 60, "tasks": ["shapes_textured", "cifar10"], "samples": 128,
-         "max_val": 300, "width_mult": 0.25}
+QUICK = {"pretrain_steps": 250, "steps": 60, "samples": 128, "max_val": 300, "width_mult": 0.25,
+         "tasks": ["shapes_textured", "parts_textured", "cifar10", "camvid"]}
 FULL = {"pretrain_steps": 1000, "steps": 200, "samples": 256, "max_val": 1000, "width_mult": 0.25,
         "tasks": ["shapes_textured", "parts_textured", "cifar10", "fashion_mnist", "camvid", "coco8_det"]}
 SIZE = 32
