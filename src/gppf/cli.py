@@ -158,34 +158,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+BENCHES = ("lego", "simt", "routing", "transfer", "data", "dist", "gpu")
+"""``gppf bench <which>`` runs ``gppf.bench.<which>.main_<which>(argv)``."""
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
-    if args.which == "transfer":
-        from gppf.bench.transfer import main_transfer
+    import importlib
 
-        return main_transfer(args.rest)
-    if args.which == "routing":
-        from gppf.bench.routing import main_routing
-
-        return main_routing(args.rest)
-    if args.which == "data":
-        from gppf.bench.data import main_data
-
-        return main_data(args.rest)
-    if args.which == "lego":
-        from gppf.bench.lego import main_lego
-
-        return main_lego(args.rest)
-    if args.which == "dist":
-        from gppf.bench.dist import main_dist
-
-        return main_dist(args.rest)
-    if args.which == "gpu":
-        from gppf.bench.gpu import main_gpu
-
-        return main_gpu(args.rest)
-    from gppf.bench.simt import main_simt
-
-    return main_simt(args.rest)
+    module = importlib.import_module(f"gppf.bench.{args.which}")
+    return int(getattr(module, f"main_{args.which}")(args.rest))
 
 
 def cmd_route(args: argparse.Namespace) -> int:
@@ -282,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
     _add_transfer_parsers(sub)
     p = sub.add_parser("bench", help="benchmarks printing JSON: lego | simt | routing | transfer | data | dist | gpu")
-    p.add_argument("which", choices=["lego", "simt", "routing", "transfer", "data", "dist", "gpu"])
+    p.add_argument("which", choices=BENCHES)
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark (--json, --quick, ...)")
     p.set_defaults(func=cmd_bench)
     p = sub.add_parser("data", help="data tools: check <config> | pack <config> --out DIR | paste ...")
