@@ -1,28 +1,9 @@
 """A killed run resumes from its last checkpoint and continues exactly."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 
-from gppf.engine import simt
 from gppf.engine.trainer import TrainError, train
-
-
-
-
-def _train_losses(run_dir: Path) -> dict[int, dict]:
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if rec["kind"] == "train":
-            out[rec["step"]] = {k: v for k, v in rec.items() if k.startswith("loss")}
-    return out
-
-
-class Killed(Exception):
-    pass
 
 
 @pytest.mark.parametrize(
@@ -36,26 +17,11 @@ class Killed(Exception):
     ],
     ids=["plain", "channels-last", "gumbel-dropout-worker"],
 )
-def test_resume_after_kill_gives_identical_loss_sequence(tmp_path, monkeypatch, extra, tiny_cfg):
-    cfg = tiny_cfg(steps=6, extra=extra)
-    full = train(cfg, run_dir=tmp_path / "full")
-    ref = _train_losses(tmp_path / "full")
+def test_resume_after_kill_gives_identical_loss_sequence(tmp_path, extra, tiny_cfg, killed_and_resumed):
+    # dies at 0-based step 4: steps 1..4 done, the checkpoint at step 3 exists
+    ref, got, full, resumed_metrics = killed_and_resumed(tiny_cfg(steps=6, extra=extra), kill_at=4)
     assert sorted(ref) == [1, 2, 3, 4, 5, 6]
-
-    original = simt.SIMTStep.__call__
-
-    def dies_at_step_4(self, step):
-        if step == 4:  # 0-based: steps 1..4 done, checkpoint at 3 exists
-            raise Killed()
-        return original(self, step)
-
-    monkeypatch.setattr(simt.SIMTStep, "__call__", dies_at_step_4)
-    with pytest.raises(Killed):
-        train(cfg, run_dir=tmp_path / "killed")
-    monkeypatch.setattr(simt.SIMTStep, "__call__", original)
     assert (tmp_path / "killed" / "checkpoints" / "step_000003").is_dir()
-    resumed_metrics = train(cfg, run_dir=tmp_path / "killed", resume=True)
-    got = _train_losses(tmp_path / "killed")
     for step in (4, 5, 6):
         assert got[step] == ref[step], f"step {step}: {got[step]} != {ref[step]}"
     assert resumed_metrics == full
