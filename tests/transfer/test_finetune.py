@@ -14,7 +14,7 @@ from gppf.engine import simt
 from gppf.lego.layers import rows_used
 from gppf.transfer.finetune import finetune, prepare_config, scratch_route
 from gppf.transfer.pretrained import load_pretrained
-from tests.engine.test_resume import _train_losses as train_losses
+from tests.conftest import train_losses
 
 TRAIN = {"steps": 3, "lr": 0.05, "warmup_steps": 1, "checkpoint_every": 3, "eval_every": 0, "progress": False,
          "amp": "none", "channels_last": False, "deterministic": True, "num_workers": 0}
