@@ -117,7 +117,7 @@ class TrainConfig:
     grad_clip: float = 5.0
     loss_weighting: str = "static"
     seed: int = 0
-    amp: Literal["bf16", "none"] = "bf16"
+    amp: Literal["auto", "bf16", "none"] = "auto"  # auto: bf16 where the device computes it natively
     channels_last: bool = True
     device: str = "auto"
     deterministic: bool = False

@@ -154,12 +154,21 @@ def meets(values: Mapping[str, float], goals: Mapping[str, float]) -> dict[str, 
 def env_info() -> dict[str, Any]:
     import torchvision
 
+    from gppf.engine.amp import native_bf16
+
     return {
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
         "python": platform.python_version(),
         "machine": platform.machine(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_native_bf16": native_bf16(torch.device("cpu")),
     }
+
+
+def dtype_name(amp_dtype: torch.dtype | None) -> str:
+    """How a bench computes: ``bfloat16 autocast`` or ``float32``."""
+    return "float32" if amp_dtype is None else f"{str(amp_dtype).removeprefix('torch.')} autocast"
 
 
 def emit(result: Mapping[str, Any], *, as_json: bool) -> None:

@@ -19,6 +19,9 @@ best dense), ``<regime>/routed_n_large_vs_small_step`` (routed N large / routed 
 optimizer state), ``r18_32px/learned_vs_hard_sharing_step``, ``r18_32px/fixed_vs_hard_sharing_step``,
 ``r18_32px/learned_vs_hard_sharing_act_mem``.
 
+Precision: ``--amp`` as ``train.amp`` (default ``auto``: bf16 autocast where the device computes bf16
+natively, float32 elsewhere; the JSON's ``config.dtype`` says which).
+
 Every model of a regime is stepped interleaved in one process after warm-up rounds, with a fixed
 thread count (default 1: on a shared 2-core machine OpenMP barriers make multi-threaded timings
 erratic). Steps are timed by the process's CPU time (``--clock cpu``, the default: with one thread,
@@ -34,7 +37,10 @@ import math
 import sys
 from typing import Any
 
-from gppf.bench.common import emit, env_info, fixed_threads, meets
+import torch
+
+from gppf.bench.common import dtype_name, emit, env_info, fixed_threads, meets
+from gppf.engine.amp import resolve_amp
 
 REGIMES = ("r50_1task", "r50_6tasks", "r18_32px")
 GOALS: dict[str, dict[str, float]] = {
@@ -60,14 +66,16 @@ def goal_keys(regimes: list[str]) -> dict[str, float]:
 
 
 def run_regime(name: str, *, quick: bool, repeats: int, warmup: int, sgd: str, lazy: bool, clock: str,
-               overrides: dict[str, Any], device: str = "cpu") -> dict[str, Any]:
+               overrides: dict[str, Any], device: str = "cpu",
+               amp_dtype: torch.dtype | None = torch.bfloat16) -> dict[str, Any]:
     """Run one regime with its defaults (``quick`` sizes), then ``overrides`` (CLI values)."""
     if name == "r18_32px":
         from gppf.bench.small import SMALL_DEFAULTS, SMALL_QUICK, run_small_regime
 
         kw = {**(SMALL_QUICK if quick else SMALL_DEFAULTS)}
         kw.update({k: v for k, v in overrides.items() if k in kw and v is not None})
-        return run_small_regime(**kw, repeats=repeats, warmup=warmup, sgd=sgd, clock=clock, device=device)
+        return run_small_regime(**kw, repeats=repeats, warmup=warmup, sgd=sgd, clock=clock, device=device,
+                                amp_dtype=amp_dtype)
     from gppf.bench.r50 import default_recipe_tasks, run_r50_regime
 
     kw = {**R50[name], **(R50_QUICK if quick else {})}
@@ -75,18 +83,21 @@ def run_regime(name: str, *, quick: bool, repeats: int, warmup: int, sgd: str, l
     n_tasks = kw.pop("tasks")
     tasks = default_recipe_tasks()[:n_tasks] if n_tasks > 1 else ["t"]
     return run_r50_regime(tasks=tasks, **kw, repeats=repeats, warmup=warmup, sgd=sgd, lazy=lazy, clock=clock,
-                          device=device)
+                          device=device, amp_dtype=amp_dtype)
 
 
 def run_lego_bench(*, regimes: list[str], quick: bool, repeats: int, warmup: int, threads: int | None,
                    sgd: str = "fused", lazy: bool = True, clock: str = "cpu",
-                   overrides: dict[str, Any] | None = None, device: str = "cpu") -> dict[str, Any]:
+                   overrides: dict[str, Any] | None = None, device: str = "cpu",
+                   amp: str = "auto") -> dict[str, Any]:
     """Measure the given regimes; a JSON-ready dict with the flat ratios, per-regime details and goals."""
     results: dict[str, Any] = {}
+    amp_dtype = resolve_amp(amp, torch.device(device))
     with fixed_threads(threads) as n_threads:
         for name in regimes:
             results[name] = run_regime(name, quick=quick, repeats=repeats, warmup=warmup, sgd=sgd, lazy=lazy,
-                                       clock=clock, overrides=overrides or {}, device=device)
+                                       clock=clock, overrides=overrides or {}, device=device,
+                                       amp_dtype=amp_dtype)
     goals = goal_keys(regimes)
     values = {key: results[key.split("/")[0]][key.split("/")[1]] for key in goals}
     return {
@@ -96,7 +107,8 @@ def run_lego_bench(*, regimes: list[str], quick: bool, repeats: int, warmup: int
         "goals": goals,
         "meets_goals": meets(values, goals),
         "config": dict(regimes=regimes, quick=quick, repeats=repeats, warmup=warmup, threads=n_threads,
-                       sgd=sgd, lazy=lazy, clock=clock, device=device, **env_info()),
+                       sgd=sgd, lazy=lazy, clock=clock, device=device, amp=amp,
+                       dtype=dtype_name(amp_dtype), **env_info()),
     }
 
 
@@ -105,6 +117,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--regime", choices=[*REGIMES, "all"], default="all", help="which regime (default all)")
     p.add_argument("--quick", action="store_true", help="tiny smoke-test sizes (not a measurement)")
+    p.add_argument("--amp", choices=["auto", "bf16", "none"], default="auto",
+                   help="autocast as train.amp (default auto: bf16 where the device computes it natively)")
     p.add_argument("--repeats", type=int, help="timed interleaved rounds (default 5; quick 1)")
     p.add_argument("--warmup", type=int, help="untimed rounds first (default 2; quick 1)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default 1)")
@@ -138,7 +152,7 @@ def main_lego(argv: list[str]) -> int:
                                                "active", "tasks")}
     clock = "cuda" if args.device.startswith("cuda") else args.clock
     result = run_lego_bench(regimes=regimes, quick=args.quick, sgd=args.sgd, lazy=not args.no_lazy,
-                            clock=clock, overrides=overrides, device=args.device, **kw)
+                            clock=clock, overrides=overrides, device=args.device, amp=args.amp, **kw)
     emit(result, as_json=args.json)
     return 0 if all(math.isfinite(result[k]) for k in result["goals"]) else 1
 

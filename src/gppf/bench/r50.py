@@ -33,7 +33,7 @@ import yaml
 from torch import Tensor, nn
 
 import gppf
-from gppf.bench.common import CLOCKS, interleaved_times, medians, peak_alloc_bytes, ratio
+from gppf.bench.common import CLOCKS, dtype_name, interleaved_times, medians, peak_alloc_bytes, ratio
 from gppf.lego.layers import LegoRows, rows_used
 from gppf.lego.optim import LegoSGD
 from gppf.lego.router import Route
@@ -90,6 +90,7 @@ class Trainee:
     batches: dict[str, tuple[Tensor, Tensor]]
     clock: Callable[[], float] = time.perf_counter
     device: torch.device = torch.device("cpu")
+    amp_dtype: torch.dtype | None = torch.bfloat16  # None: float32
     phases_s: dict[str, list[float]] = field(default_factory=dict)
 
     def step(self) -> None:
@@ -103,7 +104,7 @@ class Trainee:
         fwd, bwd = clock() - ta, 0.0
         for task, (x, y) in self.batches.items():
             ta = clock()
-            with torch.autocast(self.device.type, dtype=torch.bfloat16):
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                 logits = self.model(x, task, route=routes.get(task))
                 loss = F.cross_entropy(logits.float(), y) / len(self.batches)
             tb = clock()
@@ -125,7 +126,7 @@ class Trainee:
     def route(self, backbone: nn.Module) -> dict[str, Route]:
         """Every task's route, drawn once up front; a ``LegoSGD`` is told the rows they use (as the
         engine's SIMT step does)."""
-        with torch.autocast(self.device.type, dtype=torch.bfloat16):
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             routes = {t: backbone.router(t) for t in self.batches}
         if isinstance(self.opt, LegoSGD) and self.opt.lazy_params:
             self.opt.prepare(rows_used(backbone.lego_rows(), [r.idx_LK for r in routes.values()]))
@@ -147,7 +148,8 @@ def make_sgd(params: Any, *, impl: SgdImpl, lazy: bool, lego_params: Sequence[Le
 
 
 def make_trainee(model: MultiHead, *, tasks: list[str], batch: int, image_size: int, sgd: SgdImpl, lazy: bool,
-                 weights_channels_last: bool, clock: Callable[[], float], device: str = "cpu") -> Trainee:
+                 weights_channels_last: bool, clock: Callable[[], float], device: str = "cpu",
+                 amp_dtype: torch.dtype | None = torch.bfloat16) -> Trainee:
     """Train mode, weights in the asked layout (lego weights stay contiguous), seeded batches, on ``device``."""
     model.train().to(device)
     if weights_channels_last:
@@ -159,12 +161,13 @@ def make_trainee(model: MultiHead, *, tasks: list[str], batch: int, image_size: 
         batches[t] = (x.to(device), torch.randint(0, NUM_CLASSES, (batch,), generator=gen).to(device))
     declared = model.parts["backbone"].lego_rows() if "backbone" in model.parts else []
     opt = make_sgd(model.parameters(), impl=sgd, lazy=lazy, lego_params=declared)
-    return Trainee(model=model, opt=opt, batches=batches, clock=clock, device=torch.device(device))
+    return Trainee(model=model, opt=opt, batches=batches, clock=clock, device=torch.device(device),
+                   amp_dtype=amp_dtype)
 
 
 def build_trainees(*, tasks: list[str], batch: int, image_size: int, legos_small: int, legos_large: int,
                    active: int, sgd: SgdImpl, lazy: bool, clock: Callable[[], float],
-                   device: str = "cpu") -> dict[str, Trainee]:
+                   device: str = "cpu", amp_dtype: torch.dtype | None = torch.bfloat16) -> dict[str, Trainee]:
     """The two dense layouts and the two routed models, on the same batches (init seeded once)."""
     torch.manual_seed(0)
     models = {
@@ -175,7 +178,7 @@ def build_trainees(*, tasks: list[str], batch: int, image_size: int, legos_small
     }
     return {name: make_trainee(m, tasks=tasks, batch=batch, image_size=image_size, sgd=sgd,
                                lazy=lazy and name.startswith("routed"), weights_channels_last=cl, clock=clock,
-                               device=device)
+                               device=device, amp_dtype=amp_dtype)
             for name, (m, cl) in models.items()}
 
 
@@ -195,11 +198,12 @@ def state_bytes(trainee: Trainee) -> int:
 
 def run_r50_regime(*, tasks: list[str], batch: int, image_size: int, repeats: int, warmup: int,
                    legos_small: int, legos_large: int, active: int, sgd: SgdImpl, lazy: bool,
-                   clock: str = "wall", device: str = "cpu") -> dict[str, Any]:
+                   clock: str = "wall", device: str = "cpu",
+                   amp_dtype: torch.dtype | None = torch.bfloat16) -> dict[str, Any]:
     """Interleaved step times, phases and step memory of the four models; ratios against the best dense."""
     trainees = build_trainees(tasks=tasks, batch=batch, image_size=image_size, legos_small=legos_small,
                               legos_large=legos_large, active=active, sgd=sgd, lazy=lazy, clock=CLOCKS[clock],
-                              device=device)
+                              device=device, amp_dtype=amp_dtype)
     samples = interleaved_times({n: t.step for n, t in trainees.items()}, repeats=repeats, warmup=warmup,
                                 clock=CLOCKS[clock])
     med = medians(samples)
@@ -222,7 +226,7 @@ def run_r50_regime(*, tasks: list[str], batch: int, image_size: int, repeats: in
             batch_per_task=batch, image_size=image_size, legos_small=legos_small, legos_large=legos_large,
             active=active, repeats=repeats, warmup=warmup, clock=clock, device=device,
             routes="learned (topk_st gates, router losses)",
-            dtype="bfloat16 autocast", inputs="channels_last",
+            dtype=dtype_name(amp_dtype), inputs="channels_last",
             optimizer=f"SGD({', '.join(f'{k}={v}' for k, v in SGD_KW.items())}, {sgd} kernels): torch.optim.SGD "
                       f"for dense, {'gppf LegoSGD' if lazy else 'torch.optim.SGD'} for routed",
             zero_grad="set_to_none=False (as gppf's engine)"),

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import gppf
-from gppf.bench.common import CLOCKS, Repeat, Stepper, interleaved_times, medians, peak_alloc_bytes, ratio
+from gppf.bench.common import CLOCKS, Repeat, Stepper, dtype_name, interleaved_times, medians, peak_alloc_bytes, ratio
 from gppf.data.collate import Batch
 from gppf.engine.distributed import DistInfo, GradSync
 from gppf.engine.model import MultiTaskModel
@@ -118,7 +118,8 @@ class TimedLegoSGD(LegoSGD):
 
 
 def build_step(variant: str, *, tasks: int, batch: int, image_size: int, legos: int, active: int,
-               classes: int, sgd: str = "fused", clock: str = "wall", device: str = "cpu") -> SIMTStep:
+               classes: int, sgd: str = "fused", clock: str = "wall", device: str = "cpu",
+               amp_dtype: torch.dtype | None = torch.bfloat16) -> SIMTStep:
     """The engine's SIMT step over ``tasks`` fixed batches on ``device`` (SGD as the trainer builds it)."""
     names = task_names(tasks)
     model = build_model(variant, tasks=names, legos=legos, active=active, classes=classes).to(device)
@@ -140,7 +141,7 @@ def build_step(variant: str, *, tasks: int, batch: int, image_size: int, legos: 
                     weighting=StaticWeighting(tasks=names, static_weights={t: 1.0 for t in names}),
                     optimizer=optimizer, scheduler=None,
                     grad_sync=GradSync(params=params, info=info), info=info,
-                    device=torch.device(device), grad_clip=OPTIM["grad_clip"], amp_dtype=torch.bfloat16,
+                    device=torch.device(device), grad_clip=OPTIM["grad_clip"], amp_dtype=amp_dtype,
                     channels_last=True)
 
 
@@ -178,10 +179,11 @@ def grad_pass_times(stepper: Stepper, *, repeats: int, clock: Callable[[], float
 
 def run_small_regime(*, tasks: int, batch: int, image_size: int, legos: int, active: int, classes: int,
                      repeats: int, warmup: int, sgd: str = "fused", clock: str = "wall",
-                     device: str = "cpu") -> dict[str, Any]:
+                     device: str = "cpu", amp_dtype: torch.dtype | None = torch.bfloat16) -> dict[str, Any]:
     """Interleaved whole-SIMT-step times, step memory and gradient-pass times of the three variants."""
     steppers = {v: Stepper(build_step(v, tasks=tasks, batch=batch, image_size=image_size, legos=legos,
-                                      active=active, classes=classes, sgd=sgd, clock=clock, device=device))
+                                      active=active, classes=classes, sgd=sgd, clock=clock, device=device,
+                                      amp_dtype=amp_dtype))
                 for v in VARIANTS}
     samples = interleaved_times(steppers, repeats=repeats, warmup=warmup, clock=CLOCKS[clock])
     med = medians(samples)
@@ -203,6 +205,6 @@ def run_small_regime(*, tasks: int, batch: int, image_size: int, legos: int, act
         "config": dict(backbone="gppf_r18", width_mult=1.0, tasks=tasks, batch_per_task=batch,
                        image_size=image_size, legos=legos, active=active, classes=classes, repeats=repeats,
                        warmup=warmup, clock=clock, device=device, step="gppf.engine.simt.SIMTStep (whole step, fixed batches)",
-                       optimizer=f"LegoSGD(nesterov, {sgd} kernel, {OPTIM})", dtype="bfloat16 autocast",
+                       optimizer=f"LegoSGD(nesterov, {sgd} kernel, {OPTIM})", dtype=dtype_name(amp_dtype),
                        memory_format="channels_last"),
     }

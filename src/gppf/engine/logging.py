@@ -93,6 +93,13 @@ class MetricsLogger:
         self._write({"kind": "data", "task": task, **counts})
         log.warning("task '%s': skipped bad samples %s", task, counts)
 
+    def run_info(self, step: int, **info: Any) -> None:
+        """Record how this (re)start of the run executes (device, precision, ranks), as resolved."""
+        if not self.enabled:
+            return
+        self._write({"kind": "run", "step": step, **info})
+        log.info("run: %s", ", ".join(f"{k}={v}" for k, v in info.items()))
+
     def warn(self, message: str) -> None:
         log.warning(message)
         self._write({"kind": "warning", "message": message, "time": time.time()})

@@ -22,6 +22,7 @@ from gppf.backbones import create_backbone
 from gppf.config import RunConfig, save_config
 from gppf.engine import checkpoint as ckpt
 from gppf.engine.data import ShardTaskStream, TaskStream
+from gppf.engine.amp import resolve_amp
 from gppf.engine.distributed import BufferSync, DistInfo, GradSync, init_distributed, plan_tasks, task_groups
 from gppf.engine.logging import MetricsLogger, Progress
 from gppf.engine.model import MultiTaskModel
@@ -240,7 +241,7 @@ def build_run(cfg: RunConfig, *, run_dir: Path, resume: bool,
         positions = state.get("positions", {}).get(str(info.rank))
         ckpt.restore_rng(rng)
     streams = _streams(cfg, tasks, plan, info, positions)
-    amp = torch.bfloat16 if cfg.train.amp == "bf16" else None
+    amp = resolve_amp(cfg.train.amp, device)
     step_fn = SIMTStep(model=model, streams=streams, losses={n: t.head.loss for n, t in tasks.items() if n in streams},
                        global_batch={n: t.cfg.batch_size for n, t in tasks.items()}, weighting=weighting,
                        optimizer=optimizer, scheduler=scheduler, grad_sync=GradSync(params=params, info=info),
@@ -264,7 +265,7 @@ def evaluate(run: Run) -> dict[str, float]:
         raise TrainError("evaluate(): deferred lego updates are pending; settle the run on every rank first")
     model, out = run.model, {}
     model.eval()
-    amp = torch.bfloat16 if run.cfg.train.amp == "bf16" else None
+    amp = run.step_fn.amp_dtype
     for name, task in run.tasks.items():
         metric = task.new_metric()
         loader = DataLoader(task.val_set, batch_size=task.cfg.eval_batch_size or task.cfg.batch_size,
@@ -404,6 +405,9 @@ def train(cfg: RunConfig, *, run_dir: Path, resume: bool = False,
         save_config(cfg, run_dir / "config.yaml")
         write_task_specs(run)
     logger = MetricsLogger(run_dir=run_dir, enabled=run.info.is_main, append=resume)
+    amp = run.step_fn.amp_dtype
+    logger.run_info(run.start_step, device=str(run.device), world=run.info.world, amp_setting=cfg.train.amp,
+                    autocast=str(amp).removeprefix("torch.") if amp is not None else "float32 (off)")
     if elastic_job() and resume:
         logger.warn(f"elastic job (torchrun restart {restart} on this node): resumed from step {run.start_step}")
     progress = Progress(total=cfg.train.steps, start=run.start_step, enabled=run.info.is_main and cfg.train.progress)
