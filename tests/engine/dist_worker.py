@@ -35,7 +35,9 @@ def tiny_config(planner: str, out: str, sync_bn: bool = False):
     }
     base = {
         "model": {"backbone": "gppf_r18", "legos": 5, "active": 2, "width_mult": 0.125},  # lego 4: unused
-        "tasks": [task("a", "flat") | {"route": [[0, 1]] * 8}, task("b", "textured") | {"route": [[2, 3]] * 8}],
+        # a: 4x b's batch, so that any task-cost estimate (``dist.task_costs``) gives a two of three ranks
+        "tasks": [task("a", "flat") | {"route": [[0, 1]] * 8, "batch_size": 32},
+                  task("b", "textured") | {"route": [[2, 3]] * 8}],
         "train": {"steps": 3, "amp": "none", "channels_last": False, "progress": False, "warmup_steps": 0,
                   "checkpoint_every": 0, "grad_clip": 3.0},  # norms ~6: clipping by the synced norm is tested
         "dist": {"planner": planner, "backend": "gloo", "sync_bn": sync_bn},

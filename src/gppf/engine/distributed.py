@@ -56,17 +56,12 @@ def shutdown_distributed() -> None:
 
 def plan_tasks(*, tasks: list[str], costs: dict[str, float], world: int, planner: str) -> dict[str, list[int]]:
     """Ranks that train each task. ``all``: every rank trains every task. ``groups``: ranks are split
-    into task groups in proportion to task cost (e.g. batch x pixels x loss weight); each task gets at
-    least one rank, and with fewer ranks than tasks several tasks share a rank (cheapest-load first)."""
+    into task groups in proportion to task cost (``gppf.engine.planning``); each task gets at least one
+    rank, and with fewer ranks than tasks several tasks share a rank, balanced by cost (``_pack_tasks``)."""
     if planner == "all" or world == 1:
         return {t: list(range(world)) for t in tasks}
     if world < len(tasks):
-        load = [0.0] * world
-        plan: dict[str, list[int]] = {}
-        for t in sorted(tasks, key=lambda t: -costs[t]):
-            r = min(range(world), key=lambda i: load[i])
-            plan[t], load[r] = [r], load[r] + costs[t]
-        return plan
+        return _pack_tasks(tasks, costs, world)
     total = sum(costs.values())
     share = {t: max(1, math.floor(world * costs[t] / total)) for t in tasks}
     while sum(share.values()) > world:
@@ -80,6 +75,39 @@ def plan_tasks(*, tasks: list[str], costs: dict[str, float], world: int, planner
         plan[t] = list(range(start, start + share[t]))
         start += share[t]
     return plan
+
+
+def _pack_tasks(tasks: list[str], costs: dict[str, float], world: int) -> dict[str, list[int]]:
+    """One rank per task, minimising the most loaded rank's cost: longest-first greedy, then single
+    moves or swaps off the most loaded rank while they lower its load (deterministic for equal costs)."""
+    owner: dict[str, int] = {}
+    load = [0.0] * world
+    for t in sorted(tasks, key=lambda t: -costs[t]):
+        r = min(range(world), key=lambda i: load[i])
+        owner[t], load[r] = r, load[r] + costs[t]
+    while (move := _improving_move(tasks, costs, owner, load)) is not None:
+        t, lo, u = move
+        hi = owner[t]
+        delta = costs[t] - (costs[u] if u is not None else 0.0)
+        owner[t], load[hi], load[lo] = lo, load[hi] - delta, load[lo] + delta
+        if u is not None:
+            owner[u] = hi
+    return {t: [owner[t]] for t in tasks}
+
+
+def _improving_move(tasks: list[str], costs: dict[str, float], owner: dict[str, int],
+                    load: list[float]) -> tuple[str, int, str | None] | None:
+    """A task ``t`` of the most loaded rank to move to rank ``lo`` (swapped with ``lo``'s task ``u``, or
+    not swapped: ``None``) such that both ranks end below the current maximum; ``None`` if there is none."""
+    hi = max(range(len(load)), key=lambda i: load[i])
+    eps = 1e-12 * (1.0 + load[hi])
+    for t in (t for t in tasks if owner[t] == hi):
+        for lo in (r for r in range(len(load)) if r != hi):
+            for u in [None, *(u for u in tasks if owner[u] == lo)]:
+                delta = costs[t] - (costs[u] if u is not None else 0.0)
+                if delta > 0 and load[lo] + delta < load[hi] - eps:
+                    return t, lo, u
+    return None
 
 
 class GradSync:

@@ -10,7 +10,7 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,11 +21,12 @@ from torch.utils.data import DataLoader
 from gppf.backbones import create_backbone
 from gppf.config import RunConfig, save_config
 from gppf.engine import checkpoint as ckpt
-from gppf.engine.data import ShardTaskStream, TaskStream
 from gppf.engine.amp import resolve_amp
+from gppf.engine.data import ShardTaskStream, TaskStream
 from gppf.engine.distributed import BufferSync, DistInfo, GradSync, init_distributed, plan_tasks, task_groups
 from gppf.engine.logging import MetricsLogger, Progress
 from gppf.engine.model import MultiTaskModel
+from gppf.engine.planning import measure_task_costs, saved_plan, static_cost
 from gppf.engine.simt import SIMTStep, StepResult
 from gppf.engine.tuning import finetune_param_groups, set_trainable
 from gppf.engine.weighting import LossWeighting, build_weighting
@@ -57,6 +58,7 @@ class Run:
     streams: dict[str, TaskStream | ShardTaskStream]
     buffer_sync: BufferSync
     start_step: int = 0
+    task_costs: dict[str, float] = field(default_factory=dict)  # the groups planner's costs (empty: not planned)
 
 
 def resolve_device(name: str, info: DistInfo) -> torch.device:
@@ -151,8 +153,20 @@ def _scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer) -> torch.optim.
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _task_cost(task: Task) -> float:
-    return task.cfg.batch_size * task.cfg.image_size**2 * max(task.cfg.loss_weight, 1e-3)
+def _workers(cfg: RunConfig, task: Task) -> int:
+    return task.cfg.num_workers if task.cfg.num_workers is not None else cfg.train.num_workers
+
+
+def _task_stream(task: Task, *, seed: int, shard: tuple[int, int], workers: int,
+                 position: dict | None) -> TaskStream | ShardTaskStream:
+    """An infinite stream of ``task``'s batches (shard ``(index, count)`` of each global batch)."""
+    batches = _epoch_batches(task, seed)
+    if hasattr(reader_of(task.train_set), "stream") and batches is None:  # packed shards: sequential stream
+        return ShardTaskStream(reader=reader_of(task.train_set), transform=task.train_set.transform,
+                               collate=task.collate, batch_size=task.cfg.batch_size, seed=seed,
+                               shard=shard, num_workers=workers, position=position)
+    return TaskStream(dataset=task.train_set, collate=task.collate, batch_size=task.cfg.batch_size,
+                      seed=seed, shard=shard, num_workers=workers, position=position, epoch_batches=batches)
 
 
 def _streams(cfg: RunConfig, tasks: dict[str, Task], plan: dict[str, list[int]], info: DistInfo,
@@ -165,18 +179,30 @@ def _streams(cfg: RunConfig, tasks: dict[str, Task], plan: dict[str, list[int]],
             continue
         if task.cfg.batch_size < len(ranks):
             raise TrainError(f"task '{name}': batch_size {task.cfg.batch_size} < {len(ranks)} ranks training it")
-        workers = task.cfg.num_workers if task.cfg.num_workers is not None else cfg.train.num_workers
-        seed = cfg.train.seed * 1000 + i
-        shard, position = (ranks.index(info.rank), len(ranks)), (positions or {}).get(name)
-        batches = _epoch_batches(task, seed)
-        if hasattr(reader_of(task.train_set), "stream") and batches is None:  # packed shards: sequential stream
-            streams[name] = ShardTaskStream(reader=reader_of(task.train_set), transform=task.train_set.transform,
-                                            collate=task.collate, batch_size=task.cfg.batch_size, seed=seed,
-                                            shard=shard, num_workers=workers, position=position)
-            continue
-        streams[name] = TaskStream(dataset=task.train_set, collate=task.collate, batch_size=task.cfg.batch_size,
-                                   seed=seed, shard=shard, num_workers=workers, position=position, epoch_batches=batches)
+        streams[name] = _task_stream(task, seed=cfg.train.seed * 1000 + i, shard=(ranks.index(info.rank), len(ranks)),
+                                     workers=_workers(cfg, task), position=(positions or {}).get(name))
     return streams
+
+
+def _plan(cfg: RunConfig, *, model: MultiTaskModel, tasks: dict[str, Task], info: DistInfo, device: torch.device,
+          amp: torch.dtype | None, state: dict[str, Any]) -> tuple[dict[str, list[int]], dict[str, float]]:
+    """Which ranks train each task: the checkpoint's plan on resume (same tasks and world size), else
+    ``plan_tasks`` on the ``dist.task_costs`` (``gppf.engine.planning``); and the costs used (if any)."""
+    kept = saved_plan(state, tasks=list(tasks), world=info.world)
+    if kept is not None:
+        return kept, {}
+    if cfg.dist.planner == "all" or info.world == 1:
+        return plan_tasks(tasks=list(tasks), costs={}, world=info.world, planner=cfg.dist.planner), {}
+    if cfg.dist.task_costs == "measured":
+        factories = {n: (lambda t=t, i=i: _task_stream(t, seed=cfg.train.seed * 1000 + i, shard=(0, 1), workers=0,
+                                                       position=None))
+                     for i, (n, t) in enumerate(tasks.items())}
+        costs = measure_task_costs(model=model, streams=factories, device=device, amp_dtype=amp, info=info,
+                                   in_process={n: _workers(cfg, t) == 0 for n, t in tasks.items()},
+                                   channels_last=cfg.train.channels_last)
+    else:
+        costs = {n: static_cost(batch_size=t.cfg.batch_size, image_size=t.cfg.image_size) for n, t in tasks.items()}
+    return plan_tasks(tasks=list(tasks), costs=costs, world=info.world, planner=cfg.dist.planner), costs
 
 
 def _sample_probs(cfg: RunConfig) -> dict[str, float]:
@@ -228,10 +254,8 @@ def build_run(cfg: RunConfig, *, run_dir: Path, resume: bool,
                                 static_weights={n: t.cfg.loss_weight for n, t in tasks.items()}).to(device)
     optimizer = _optimizer(cfg, model, weighting)
     scheduler = _scheduler(cfg, optimizer)
-    plan = plan_tasks(tasks=list(tasks), costs={n: _task_cost(t) for n, t in tasks.items()},
-                      world=info.world, planner=cfg.dist.planner)
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    start, positions = 0, None
+    start, positions, state = 0, None, {}
     latest = ckpt.find_latest(run_dir) if resume else None
     if resume and latest is None:
         raise TrainError(f"--resume: no checkpoint found under {run_dir / 'checkpoints'}")
@@ -240,8 +264,9 @@ def build_run(cfg: RunConfig, *, run_dir: Path, resume: bool,
                                                  extra_modules={"weighting": weighting})
         positions = state.get("positions", {}).get(str(info.rank))
         ckpt.restore_rng(rng)
-    streams = _streams(cfg, tasks, plan, info, positions)
     amp = resolve_amp(cfg.train.amp, device)
+    plan, costs = _plan(cfg, model=model, tasks=tasks, info=info, device=device, amp=amp, state=state)
+    streams = _streams(cfg, tasks, plan, info, positions)
     step_fn = SIMTStep(model=model, streams=streams, losses={n: t.head.loss for n, t in tasks.items() if n in streams},
                        global_batch={n: t.cfg.batch_size for n, t in tasks.items()}, weighting=weighting,
                        optimizer=optimizer, scheduler=scheduler, grad_sync=GradSync(params=params, info=info),
@@ -252,7 +277,7 @@ def build_run(cfg: RunConfig, *, run_dir: Path, resume: bool,
                                    if n in streams and hasattr(t.head, "loss_parts")})
     return Run(cfg=cfg, run_dir=run_dir, info=info, device=device, model=model, tasks=tasks, plan=plan,
                weighting=weighting, optimizer=optimizer, scheduler=scheduler, step_fn=step_fn, streams=streams,
-               buffer_sync=BufferSync(module=model, info=info), start_step=start)
+               buffer_sync=BufferSync(module=model, info=info), start_step=start, task_costs=costs)
 
 
 @torch.no_grad()
@@ -308,7 +333,7 @@ def save(run: Run, step: int) -> None:
     if run.info.is_main:
         ckpt.save_checkpoint(run.run_dir, step=step, model=run.model, optimizer=run.optimizer,
                              scheduler=run.scheduler, extra_modules={"weighting": run.weighting},
-                             state={"positions": positions, "world": run.info.world},
+                             state={"positions": positions, "world": run.info.world, "plan": run.plan},
                              rng=ckpt.capture_rng(), keep_last=run.cfg.train.keep_last)
 
 
@@ -407,7 +432,9 @@ def train(cfg: RunConfig, *, run_dir: Path, resume: bool = False,
     logger = MetricsLogger(run_dir=run_dir, enabled=run.info.is_main, append=resume)
     amp = run.step_fn.amp_dtype
     logger.run_info(run.start_step, device=str(run.device), world=run.info.world, amp_setting=cfg.train.amp,
-                    autocast=str(amp).removeprefix("torch.") if amp is not None else "float32 (off)")
+                    autocast=str(amp).removeprefix("torch.") if amp is not None else "float32 (off)",
+                    **({"plan": run.plan} if run.info.enabled else {}),
+                    **({"task_costs_s": run.task_costs} if run.task_costs else {}))
     if elastic_job() and resume:
         logger.warn(f"elastic job (torchrun restart {restart} on this node): resumed from step {run.start_step}")
     progress = Progress(total=cfg.train.steps, start=run.start_step, enabled=run.info.is_main and cfg.train.progress)
