@@ -202,6 +202,8 @@ def _plan(cfg: RunConfig, *, model: MultiTaskModel, tasks: dict[str, Task], info
                                    channels_last=cfg.train.channels_last)
     else:
         costs = {n: static_cost(batch_size=t.cfg.batch_size, image_size=t.cfg.image_size) for n, t in tasks.items()}
+    probs = _sample_probs(cfg)  # a task that joins a step with probability p costs p x its batch's cost
+    costs = {n: c * probs.get(n, 1.0) for n, c in costs.items()}
     return plan_tasks(tasks=list(tasks), costs=costs, world=info.world, planner=cfg.dist.planner), costs
 
 
