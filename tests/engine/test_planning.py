@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from gppf.config import load_config, to_dict
 from gppf.engine.distributed import DistInfo, plan_tasks
 from gppf.engine.planning import measure_task_costs, saved_plan
 from gppf.engine.trainer import _plan, _task_stream, build_run, train
@@ -79,3 +80,21 @@ def test_checkpoint_keeps_the_plan_and_resume_reuses_it(tiny_cfg, tmp_path, monk
     plan, costs = _plan(groups, model=run.model, tasks=run.tasks, info=info2, device=run.device, amp=None,
                         state=kept)
     assert plan == {"cls": [1], "seg": [0]} and costs == {}
+
+
+def test_a_sampled_task_costs_its_probability_times_its_batch(tiny_cfg, tmp_path):
+    """Static costs 1 : 1 : 2 (batch 8, 8, 16 at 32 px); the third task joins a step with p = 0.25, so it
+    counts 0.5: packed with one of the others, not alone."""
+    cfg = tiny_cfg(steps=1, extra=["dist.planner=groups", "dist.task_costs=static", "tasks.1.image_size=32",
+                                   "tasks.0.batch_size=8", "tasks.1.batch_size=8"])
+    extra = {"name": "cls2", "type": "classification", "batch_size": 16, "image_size": 32, "sample_weight": 0.25,
+             "data": {"format": "synthetic", "options": {"domain": "pastel", "size": 32, "num_train": 48,
+                                                          "num_val": 16}}}
+    base = to_dict(cfg)
+    base["tasks"].append(extra)
+    cfg = load_config(base=base)
+    run = build_run(cfg, run_dir=tmp_path, resume=False)
+    info2 = DistInfo(rank=0, world=2, local_rank=0)
+    plan, costs = _plan(cfg, model=run.model, tasks=run.tasks, info=info2, device=run.device, amp=None, state={})
+    assert costs == {"cls": 8 * 32**2, "seg": 8 * 32**2, "cls2": 0.25 * 16 * 32**2}
+    assert plan["cls2"] in (plan["cls"], plan["seg"]) and plan["cls"] != plan["seg"]
