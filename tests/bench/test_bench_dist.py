@@ -7,6 +7,9 @@ import math
 import pytest
 
 from gppf.bench.dist import TimedIter, bench_config, main_dist, parse_args, summarise, worker
+from gppf.engine import simt
+from gppf.engine.distributed import TaskGroup
+from gppf.lego.optim import LegoSGD
 
 
 def test_timed_iter_counts_time_blocked_in_next():
@@ -31,11 +34,16 @@ def test_one_rank_worker_figures_add_up(tmp_path, monkeypatch):
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
     args = parse_args(["--quick", "--worker", "--out", str(tmp_path / "w"), "--steps", "2", "--warmup", "1"])
+    originals = (simt.broadcast_flag, simt.all_reduce_scalars, TaskGroup.sum_, LegoSGD._share_used)
     assert worker(args) == 0
+    # the timed collectives are restored afterwards (nothing leaks into the rest of the process)
+    assert (simt.broadcast_flag, simt.all_reduce_scalars, TaskGroup.sum_, LegoSGD._share_used) == originals
     rank = json.loads((tmp_path / "w.rank0").read_text())
     assert rank["rank"] == 0 and rank["threads"] == 1 and len(rank["tasks"]) == 6
     assert rank["images"] == 2 * 6 * 8  # 2 timed steps x 6 tasks x quick batch 8
-    parts = rank["compute_s"] + rank["data_wait_s"] + rank["wait_ranks_s"] + rank["grad_allreduce_s"]
+    syncs = ("wait_ranks_s", "grad_allreduce_s", "loss_count_sync_s", "used_rows_sync_s", "loss_scalars_sync_s")
+    parts = rank["compute_s"] + rank["data_wait_s"] + sum(rank[k] for k in syncs)
+    assert rank["loss_scalars_sync_s"] > 0  # timed (one process: it returns at once, but it ran)
     assert parts == pytest.approx(rank["wall_s"]) and rank["compute_s"] > 0 and rank["data_wait_s"] > 0
     assert math.isfinite(rank["last_loss"])
     one = summarise({"ranks": [rank], "launch_s": 1.0}, steps=2)

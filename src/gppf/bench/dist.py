@@ -11,7 +11,10 @@ steps, then ``--steps`` timed ones between two barriers. Every variant trains th
 * ``scaling_efficiency[planner]`` = ``steps_per_s(2 ranks, planner)`` / (2 x ``steps_per_s(1 rank)``).
 * per rank, summed over the timed steps: ``data_wait_s`` (blocked in ``next(stream)``), ``wait_ranks_s``
   (blocked in the step's first collective, the non-finite flag: the other rank is still computing, i.e.
-  load imbalance), ``grad_allreduce_s`` (the gradient all-reduce), ``compute_s`` (the rest), and
+  load imbalance), ``grad_allreduce_s`` (the gradient all-reduce), ``loss_count_sync_s`` (the
+  count-normalised losses' count reductions, one per counted task and step; each also waits for the task's
+  other ranks), ``used_rows_sync_s`` (``LegoSGD``'s OR of the used lego rows), ``loss_scalars_sync_s`` (the
+  step's loss/sample-count reduction), ``compute_s`` (the rest), and
   ``cpu_s`` (CPU time of the rank's process over the timed steps, blocking waits excluded).
 * ``scaling_efficiency_cpu_time[planner]`` = ``cpu_s(1 rank)`` / (2 x max over ranks ``cpu_s(2 ranks)``):
   the same ratio from CPU time, insensitive to other processes sharing the cores but blind to time
@@ -25,6 +28,7 @@ On a shared machine the figures move with the load of other processes: compare v
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -33,7 +37,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from gppf.bench.common import emit, env_info
 
@@ -97,45 +101,82 @@ def bench_config(*, config: str | None, overrides: list[str], quick: bool, plann
     return load_config(path, base + list(overrides))
 
 
+@contextlib.contextmanager
+def timing(owner: Any, name: str) -> Iterator[Timed]:
+    """While open, ``owner.name`` (a module function or a method) runs timed; restored on exit."""
+    original = vars(owner)[name]
+    timer = Timed(original)
+
+    def timed(*args: Any, **kwargs: Any) -> Any:  # a plain function: a method stays a method
+        return timer(*args, **kwargs)
+
+    setattr(owner, name, timed)
+    try:
+        yield timer
+    finally:
+        setattr(owner, name, original)
+
+
 def worker(args: argparse.Namespace) -> int:
     """One rank of one variant: warm up, time ``steps`` steps, write this rank's figures to JSON."""
     import torch
-    import torch.distributed as dist
 
     from gppf.engine import simt
-    from gppf.engine.trainer import build_run
+    from gppf.engine.distributed import TaskGroup
+    from gppf.lego.optim import LegoSGD
 
     cfg = bench_config(config=args.config, overrides=args.overrides, quick=args.quick, planner=args.planner,
                        steps=args.warmup + args.steps, workers=args.workers)
-    with tempfile.TemporaryDirectory() as tmp:
-        run = build_run(cfg, run_dir=Path(tmp), resume=False)
-        streams = {n: TimedIter(s) for n, s in run.streams.items()}
-        sync, flag = Timed(run.step_fn.grad_sync), Timed(simt.broadcast_flag)
-        step_fn = dataclasses.replace(run.step_fn, streams=streams, grad_sync=sync)
-        simt.broadcast_flag = flag  # this worker process only: the step's first collective, timed
-        for step in range(args.warmup):
-            step_fn(step)
-        barrier = dist.barrier if run.info.enabled else (lambda: None)
-        images = 0
-        for t in [*streams.values(), sync, flag]:
-            t.seconds = 0.0
-        barrier()
-        t0, c0 = time.perf_counter(), time.process_time()
-        for step in range(args.warmup, args.warmup + args.steps):
-            result = step_fn(step)
-            images += sum(run.tasks[t].cfg.batch_size for t in step_fn.tasks_this_step(step))
-        cpu = time.process_time() - c0
-        barrier()
-        wall = time.perf_counter() - t0
-        data = sum(t.seconds for t in streams.values())
-        mine = {"rank": run.info.rank, "wall_s": wall, "data_wait_s": data, "wait_ranks_s": flag.seconds,
-                "grad_allreduce_s": sync.seconds, "compute_s": wall - data - flag.seconds - sync.seconds, "cpu_s": cpu,
-                "tasks": sorted(run.streams), "images": images, "last_loss": result.loss,
-                "threads": torch.get_num_threads()}
-        Path(f"{args.out}.rank{run.info.rank}").write_text(json.dumps(mine))
-        if run.info.enabled:
-            dist.destroy_process_group()
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        # the step's collectives: the non-finite flag (the first: waits for the other rank), the
+        # count-normalised losses' counts (one per counted task trained by several ranks), LegoSGD's
+        # used-row OR, the step's loss scalars
+        flag = stack.enter_context(timing(simt, "broadcast_flag"))
+        counts = stack.enter_context(timing(TaskGroup, "sum_"))
+        rows = stack.enter_context(timing(LegoSGD, "_share_used"))
+        scalars = stack.enter_context(timing(simt, "all_reduce_scalars"))
+        mine = _timed_steps(cfg, args, Path(tmp), timers={"flag": flag, "counts": counts, "rows": rows,
+                                                          "scalars": scalars})
+        mine["threads"] = torch.get_num_threads()
+        Path(f"{args.out}.rank{mine['rank']}").write_text(json.dumps(mine))
     return 0
+
+
+def _timed_steps(cfg: Any, args: argparse.Namespace, tmp: Path, *, timers: dict[str, Timed]) -> dict[str, Any]:
+    """Build the run, take the warm-up then the timed steps; this rank's figures."""
+    import torch.distributed as dist
+
+    from gppf.engine.trainer import build_run
+
+    run = build_run(cfg, run_dir=tmp, resume=False)
+    streams = {n: TimedIter(s) for n, s in run.streams.items()}
+    sync = Timed(run.step_fn.grad_sync)
+    step_fn = dataclasses.replace(run.step_fn, streams=streams, grad_sync=sync)
+    for step in range(args.warmup):
+        step_fn(step)
+    barrier = dist.barrier if run.info.enabled else (lambda: None)
+    images = 0
+    for t in [*streams.values(), sync, *timers.values()]:
+        t.seconds = 0.0
+    barrier()
+    t0, c0 = time.perf_counter(), time.process_time()
+    for step in range(args.warmup, args.warmup + args.steps):
+        result = step_fn(step)
+        images += sum(run.tasks[t].cfg.batch_size for t in step_fn.tasks_this_step(step))
+    cpu = time.process_time() - c0
+    barrier()
+    wall = time.perf_counter() - t0
+    data = sum(t.seconds for t in streams.values())
+    other = timers["counts"].seconds + timers["rows"].seconds + timers["scalars"].seconds
+    mine = {"rank": run.info.rank, "wall_s": wall, "data_wait_s": data, "wait_ranks_s": timers["flag"].seconds,
+            "grad_allreduce_s": sync.seconds, "loss_count_sync_s": timers["counts"].seconds,
+            "used_rows_sync_s": timers["rows"].seconds, "loss_scalars_sync_s": timers["scalars"].seconds,
+            "compute_s": wall - data - timers["flag"].seconds - sync.seconds - other, "cpu_s": cpu,
+            "tasks": sorted(run.streams), "images": images, "last_loss": result.loss,
+            "task_costs_s": run.task_costs}
+    if run.info.enabled:
+        dist.destroy_process_group()
+    return mine
 
 
 def launch(*, world: int, planner: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
