@@ -7,7 +7,8 @@ two most expensive tasks on one rank. ``measured`` (the default) times, before t
 batch of every task through the run's model: the batch's loading (when the task loads in the training
 process, ``num_workers: 0``), forward, loss and backward under the run's autocast, on a throw-away copy
 of the model (the run's parameters, statistics and RNG streams are left exactly as they were). Every
-rank times every task and the costs are averaged over ranks, so all ranks derive the same plan. The plan is stored in each checkpoint and a resumed run with the same world size keeps it.
+rank times every task and the costs are averaged over ranks, so all ranks derive the same plan.
+The plan is stored in each checkpoint and a resumed run with the same world size keeps it.
 """
 from __future__ import annotations
 
@@ -55,8 +56,8 @@ def measure_task_costs(*, model: MultiTaskModel, streams: Mapping[str, Callable[
     return costs
 
 
-def _time_task(probe: MultiTaskModel, name: str, stream: Iterator[Batch], *, load_counts: bool, device: torch.device, amp_dtype: torch.dtype | None,
-               channels_last: bool) -> float:
+def _time_task(probe: MultiTaskModel, name: str, stream: Iterator[Batch], *, load_counts: bool,
+               device: torch.device, amp_dtype: torch.dtype | None, channels_last: bool) -> float:
     """Fastest of ``COST_REPEATS`` timed (load +) forward + loss + backward passes of one batch."""
     best = float("inf")
     for _ in range(COST_REPEATS):
