@@ -73,6 +73,68 @@ def _selection(kind: str, blocks: bool, shape: tuple[int, ...]):
     return rows, cols
 
 
+def _reference_conv(x, weight, *, out_idx, in_idx, stride, padding, dtype, channels_last):
+    """Gather with plain autograd, then ``F.conv2d`` (keeps the gathered weight for its backward)."""
+    w = _reference_gather(weight, out_idx, in_idx, dtype=dtype, channels_last=channels_last)
+    return F.conv2d(x, w, None, stride, padding)
+
+
+@pytest.mark.parametrize("kernel, stride", [(1, 1), (3, 2)])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])
+@pytest.mark.parametrize("blocks", [True, False], ids=["lego_index", "channels"])
+@pytest.mark.parametrize("kind", ["rows", "cols", "both"])
+def test_routed_conv_equals_gather_then_conv(kind, blocks, autocast, channels_last, kernel, stride):
+    """The recomputing routed convolution gives bit-identical outputs, input and weight gradients."""
+    torch.manual_seed(0)
+    conv = LegoConv2d(in_channels=16, out_channels=24, kernel_size=kernel, stride=stride, padding=kernel // 2)
+    ref = torch.nn.Parameter(conv.weight.detach().clone())
+    rows = LegoIndex(torch.tensor([5, 1]), 4) if kind != "cols" else None
+    cols = LegoIndex(torch.tensor([0, 2]), 4) if kind != "rows" else None
+    if not blocks:
+        rows, cols = (None if i is None else i.channels() for i in (rows, cols))
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(3, 8 if cols is not None else 16, 9, 9).to(memory_format=fmt).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    for _ in range(2):  # two backward passes accumulate
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = conv(x, in_idx=cols, out_idx=rows)
+            y_ref = _reference_conv(x_ref, ref, out_idx=rows, in_idx=cols, stride=stride, padding=kernel // 2,
+                                    dtype=torch.bfloat16 if autocast else None,
+                                    channels_last=channels_last and blocks)  # as lego_gather lays it out
+        g = torch.randn(y.shape)
+        (y.float() * g).sum().backward()
+        (y_ref.float() * g).sum().backward()
+    assert y.dtype == (torch.bfloat16 if autocast else torch.float32)
+    assert torch.equal(y, y_ref)
+    assert torch.equal(x.grad, x_ref.grad)
+    assert torch.equal(conv.weight.grad, ref.grad)
+
+
+@pytest.mark.parametrize("recompute", [True, pytest.param(False, marks=pytest.mark.xfail(strict=True))],
+                         ids=["routed_conv2d", "gather_then_conv"])
+def test_routed_conv_keeps_no_gathered_weight_for_backward(monkeypatch, recompute):
+    """Until its backward, a routed convolution holds its input only (as a dense conv does), not the
+    gathered weight: the tensors autograd saves for it weigh what the dense twin's do."""
+    conv = LegoConv2d(in_channels=64, out_channels=64, kernel_size=3, padding=1)
+    idx = LegoIndex(torch.tensor([0, 2]), 16)
+    x = torch.randn(2, 32, 4, 4, requires_grad=True)
+    dense_w = torch.nn.Parameter(torch.randn(32, 32, 3, 3))
+    if not recompute:  # the check itself: it fails for a conv that keeps its gathered weight
+        import gppf.lego.layers as layers
+        monkeypatch.setattr(layers, "routed_conv2d", _reference_conv)
+    saved: dict[str, list[int]] = {"routed": [], "dense": []}
+    for name, fn in (("routed", lambda: conv(x, in_idx=idx, out_idx=idx)),
+                     ("dense", lambda: F.conv2d(x, dense_w, padding=1))):
+        def pack(t, name=name):
+            if not isinstance(t, torch.nn.Parameter):  # parameters are stored anyway: count the rest
+                saved[name].append(t.numel())
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn().sum().backward()
+    assert sum(saved["routed"]) == sum(saved["dense"]) == x.numel()
+
+
 @pytest.mark.parametrize("shape", [(8, 12, 3, 3), (8, 12)])
 @pytest.mark.parametrize("blocks", [True, False], ids=["lego_index", "channels"])
 @pytest.mark.parametrize("kind", ["rows", "cols", "both"])
@@ -205,6 +267,7 @@ def test_backbone_gradients_match_index_select(monkeypatch, name, kw):
     twin = copy.deepcopy(model)
     new = step(model)
     monkeypatch.setattr(layers, "lego_gather", _reference_gather)
+    monkeypatch.setattr(layers, "routed_conv2d", _reference_conv)
     monkeypatch.setattr(lego_vit, "lego_gather", _reference_gather)
     old = step(twin)
     assert new.keys() == old.keys()
