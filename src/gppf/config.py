@@ -133,15 +133,17 @@ class TrainConfig:
 
 @dataclass
 class DistConfig:
-    """Distributed layout: every rank trains every task (``all``) or ranks form task groups."""
+    """Distributed layout: every rank trains every task (``all``), ranks form task groups (``groups``), or
+    ``auto``: ``groups`` where the measured task costs pack onto the ranks within 15% of a perfect split,
+    else ``all`` (docs/distributed.md)."""
 
-    planner: Literal["all", "groups"] = "all"
+    planner: Literal["auto", "all", "groups"] = "auto"
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     # BatchNorm batch statistics over all ranks that train a task (lego channels of its route only);
     # off: each rank normalises with its own share of the batch, as DDP without SyncBatchNorm
     # (no extra collective per BN layer; see docs/distributed.md, Semantics)
     sync_bn: bool = False
-    # ``groups`` planner's task costs: timed on the run's model and data before training, or batch x pixels
+    # ``groups`` / ``auto`` planner's task costs: timed on the run's model and data before training, or batch x pixels
     task_costs: Literal["measured", "static"] = "measured"
 
 

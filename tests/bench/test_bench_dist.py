@@ -57,7 +57,7 @@ def test_bench_dist_quick_prints_one_json(capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1
     result = json.loads(lines[0])
-    assert set(result["scaling_efficiency"]) == {"all", "groups"}
+    assert set(result["scaling_efficiency"]) == {"all", "groups", "auto"}
     one = result["variants"]["1_rank"]["steps_per_s"]
     for planner, eff in result["scaling_efficiency"].items():
         assert eff == pytest.approx(result["variants"][f"2_ranks_{planner}"]["steps_per_s"] / (2 * one))
@@ -65,3 +65,6 @@ def test_bench_dist_quick_prints_one_json(capsys):
         assert [r["rank"] for r in ranks] == [0, 1]
     groups = result["variants"]["2_ranks_groups"]["ranks"]
     assert sorted(groups[0]["tasks"] + groups[1]["tasks"]) == sorted(result["variants"]["1_rank"]["ranks"][0]["tasks"])
+    auto = result["variants"]["2_ranks_auto"]["ranks"]
+    assert auto[0]["plan"] == auto[1]["plan"]  # both ranks took the same plan (groups' or all's)
+    assert all(len(r) == 1 for r in auto[0]["plan"].values()) or all(r == [0, 1] for r in auto[0]["plan"].values())

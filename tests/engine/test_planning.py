@@ -1,4 +1,4 @@
-"""The ``groups`` planner: balanced packing, measured task costs (no side effects), the plan kept on resume."""
+"""The ``groups`` / ``auto`` planners: balanced packing, measured task costs (no side effects), the plan kept on resume."""
 from __future__ import annotations
 
 import itertools
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gppf.config import load_config, to_dict
-from gppf.engine.distributed import DistInfo, plan_tasks
+from gppf.engine.distributed import AUTO_MAX_IMBALANCE, DistInfo, plan_imbalance, plan_tasks
 from gppf.engine.planning import measure_task_costs, saved_plan
 from gppf.engine.trainer import _plan, _task_stream, build_run, train
 
@@ -39,6 +39,38 @@ def test_packing_finds_the_best_split_greedy_misses():
     costs = {"shapes": 0.278, "attr": 0.286, "reid": 0.275, "det": 0.458, "seg": 0.563, "kp": 0.640}
     plan = plan_tasks(tasks=list(costs), costs=costs, world=2, planner="groups")
     assert _max_load(plan, costs, 2) == pytest.approx(1.296)
+
+
+def test_plan_imbalance_is_the_busiest_rank_over_a_perfect_split():
+    costs = {"a": 3.0, "b": 1.0, "c": 2.0}
+    assert plan_imbalance({"a": [0], "b": [1], "c": [1]}, costs=costs, world=2) == 1.0
+    assert plan_imbalance({"a": [0], "b": [0], "c": [1]}, costs=costs, world=2) == pytest.approx(4 / 3)
+    assert plan_imbalance({"a": [0, 1], "b": [0, 1], "c": [0, 1]}, costs=costs, world=2) == 1.0
+    assert plan_imbalance({"a": [0, 1], "b": [2], "c": [2]}, costs=costs, world=3) == pytest.approx(1.5)
+
+
+@pytest.mark.parametrize(("costs", "world", "expected"), [
+    # the default recipe's measured costs (float32, AVX2): packed at 1.02 of a perfect split -> groups
+    ({"shapes": 0.278, "attr": 0.286, "reid": 0.275, "det": 0.458, "seg": 0.563, "kp": 0.640}, 2, "groups"),
+    ({"a": 1.0, "b": 1.0}, 2, "groups"),
+    ({"a": 1.0, "b": 1.0, "c": 1.0}, 2, "all"),  # best packing 2 : 1 = 1.33 of a perfect split
+    ({"a": 9.0, "b": 1.0}, 2, "all"),  # one task dominates: groups would idle a rank 80% of the time
+    ({"a": 1.0, "b": 1.0, "c": 1.0, "d": 1.0}, 3, "all"),
+])
+def test_auto_planner_takes_groups_only_when_it_balances(costs, world, expected):
+    plan = plan_tasks(tasks=list(costs), costs=costs, world=world, planner="auto")
+    assert plan == plan_tasks(tasks=list(costs), costs=costs, world=world, planner=expected)
+    groups = plan_tasks(tasks=list(costs), costs=costs, world=world, planner="groups")
+    assert (plan_imbalance(groups, costs=costs, world=world) <= AUTO_MAX_IMBALANCE) == (expected == "groups")
+
+
+def test_auto_is_the_default_planner_and_single_process_plans_nothing(tiny_cfg, tmp_path):
+    cfg = tiny_cfg(steps=1)
+    assert cfg.dist.planner == "auto"
+    run = build_run(cfg, run_dir=tmp_path, resume=False)
+    plan, costs = _plan(cfg, model=run.model, tasks=run.tasks, info=DistInfo(), device=run.device, amp=None,
+                        state={})
+    assert plan == {t: [0] for t in run.tasks} and costs == {}
 
 
 def _two_tasks(tiny_cfg, big: int):

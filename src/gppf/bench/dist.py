@@ -8,7 +8,10 @@ steps, then ``--steps`` timed ones between two barriers. Every variant trains th
 
 * ``steps_per_s``: timed steps / wall seconds of rank 0 between the barriers; ``images_per_s``: that x
   the images of one global step (every task's batch, or the sampled tasks' with ``sample_weight``).
-* ``scaling_efficiency[planner]`` = ``steps_per_s(2 ranks, planner)`` / (2 x ``steps_per_s(1 rank)``).
+* ``scaling_efficiency[planner]`` = ``steps_per_s(2 ranks, planner)`` / (2 x ``steps_per_s(1 rank)``), for
+  ``all``, ``groups`` and ``auto`` (the default: ``groups`` when the measured costs pack within
+  ``gppf.engine.distributed.AUTO_MAX_IMBALANCE`` of a perfect split, else ``all``; each rank's ``plan``
+  says which it took).
 * per rank, summed over the timed steps: ``data_wait_s`` (blocked in ``next(stream)``), ``wait_ranks_s``
   (blocked in the step's first collective, the non-finite flag: the other rank is still computing, i.e.
   load imbalance), ``grad_allreduce_s`` (the gradient all-reduce), ``loss_count_sync_s`` (the
@@ -42,7 +45,7 @@ from typing import Any, Callable, Iterator
 from gppf.bench.common import emit, env_info
 
 GOAL = 0.8
-PLANNERS = ("all", "groups")
+PLANNERS = ("all", "groups", "auto")
 DEFAULTS: dict[str, Any] = dict(steps=20, warmup=3)
 QUICK: dict[str, Any] = dict(steps=2, warmup=1)
 QUICK_OVERRIDES = ["model.width_mult=0.125"]
@@ -173,7 +176,7 @@ def _timed_steps(cfg: Any, args: argparse.Namespace, tmp: Path, *, timers: dict[
             "used_rows_sync_s": timers["rows"].seconds, "loss_scalars_sync_s": timers["scalars"].seconds,
             "compute_s": wall - data - timers["flag"].seconds - sync.seconds - other, "cpu_s": cpu,
             "tasks": sorted(run.streams), "images": images, "last_loss": result.loss,
-            "task_costs_s": run.task_costs}
+            "task_costs_s": run.task_costs, "plan": run.plan}
     if run.info.enabled:
         dist.destroy_process_group()
     return mine
@@ -245,7 +248,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--steps", type=int, help="timed steps per variant (default 20; quick 2)")
     p.add_argument("--warmup", type=int, help="untimed steps first (default 3; quick 1)")
     p.add_argument("--workers", type=int, default=0, help="loader workers per task and rank (default 0)")
-    p.add_argument("--planners", default=",".join(PLANNERS), help="comma-separated: all,groups")
+    p.add_argument("--planners", default=",".join(PLANNERS), help="comma-separated: all,groups,auto (default: all three)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--planner", default="all", help=argparse.SUPPRESS)

@@ -54,12 +54,25 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
+# ``auto`` takes the ``groups`` plan when its busiest rank's planned cost is at most this multiple of a
+# perfect split (total / world); measured on the built-in recipe at 2 CPU ranks (docs/distributed.md),
+# ``all`` lost ~15% of ``groups``' throughput to work that does not halve with the batch and to its
+# per-task collectives
+AUTO_MAX_IMBALANCE = 1.15
+
+
 def plan_tasks(*, tasks: list[str], costs: dict[str, float], world: int, planner: str) -> dict[str, list[int]]:
     """Ranks that train each task. ``all``: every rank trains every task. ``groups``: ranks are split
     into task groups in proportion to task cost (``gppf.engine.planning``); each task gets at least one
-    rank, and with fewer ranks than tasks several tasks share a rank, balanced by cost (``_pack_tasks``)."""
+    rank, and with fewer ranks than tasks several tasks share a rank, balanced by cost (``_pack_tasks``).
+    ``auto``: the ``groups`` plan if it is balanced within ``AUTO_MAX_IMBALANCE`` (``plan_imbalance``),
+    else ``all``."""
     if planner == "all" or world == 1:
         return {t: list(range(world)) for t in tasks}
+    if planner == "auto":
+        plan = plan_tasks(tasks=tasks, costs=costs, world=world, planner="groups")
+        balanced = plan_imbalance(plan, costs=costs, world=world) <= AUTO_MAX_IMBALANCE
+        return plan if balanced else plan_tasks(tasks=tasks, costs=costs, world=world, planner="all")
     if world < len(tasks):
         return _pack_tasks(tasks, costs, world)
     total = sum(costs.values())
@@ -75,6 +88,17 @@ def plan_tasks(*, tasks: list[str], costs: dict[str, float], world: int, planner
         plan[t] = list(range(start, start + share[t]))
         start += share[t]
     return plan
+
+
+def plan_imbalance(plan: dict[str, list[int]], *, costs: dict[str, float], world: int) -> float:
+    """The busiest rank's planned cost (a task's cost split evenly over its ranks) / (total / world):
+    1.0 is a perfect split."""
+    load = [0.0] * world
+    for t, ranks in plan.items():
+        for r in ranks:
+            load[r] += costs[t] / len(ranks)
+    total = sum(load)
+    return max(load) * world / total if total > 0 else 1.0
 
 
 def _pack_tasks(tasks: list[str], costs: dict[str, float], world: int) -> dict[str, list[int]]:
