@@ -1,4 +1,5 @@
-"""The ``groups`` / ``auto`` planners: balanced packing, measured task costs (no side effects), the plan kept on resume."""
+"""The ``groups`` / ``auto`` planners: balanced packing, measured task costs (no side effects), the plan
+kept on resume."""
 from __future__ import annotations
 
 import itertools

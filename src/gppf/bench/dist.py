@@ -248,7 +248,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--steps", type=int, help="timed steps per variant (default 20; quick 2)")
     p.add_argument("--warmup", type=int, help="untimed steps first (default 3; quick 1)")
     p.add_argument("--workers", type=int, default=0, help="loader workers per task and rank (default 0)")
-    p.add_argument("--planners", default=",".join(PLANNERS), help="comma-separated: all,groups,auto (default: all three)")
+    p.add_argument("--planners", default=",".join(PLANNERS),
+                   help="comma-separated: all,groups,auto (default: all three)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--planner", default="all", help=argparse.SUPPRESS)

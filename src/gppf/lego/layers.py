@@ -315,7 +315,8 @@ class _RoutedConv(torch.autograd.Function):
         return torch.ops.aten.convolution(x, weight, None, [stride] * 2, [padding] * 2, [1, 1], False, [0, 0], 1)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None, None, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor  # type: ignore[override]
+                 ) -> tuple[Tensor | None, None, None, None, None, None]:
         if torch.is_grad_enabled():
             raise RuntimeError("lego parameters accumulate into .grad: double backward is not supported")
         if not torch._C._will_engine_execute_node(ctx.next_functions[1][0]):  # the param's AccumulateGrad
