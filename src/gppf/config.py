@@ -143,7 +143,8 @@ class DistConfig:
     # off: each rank normalises with its own share of the batch, as DDP without SyncBatchNorm
     # (no extra collective per BN layer; see docs/distributed.md, Semantics)
     sync_bn: bool = False
-    # ``groups`` / ``auto`` planner's task costs: timed on the run's model and data before training, or batch x pixels
+    # ``groups`` / ``auto`` planner's task costs: timed on the run's model and data before training,
+    # or batch x pixels
     task_costs: Literal["measured", "static"] = "measured"
 
 

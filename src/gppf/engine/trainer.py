@@ -191,7 +191,7 @@ def _plan(cfg: RunConfig, *, model: MultiTaskModel, tasks: dict[str, Task], info
     kept = saved_plan(state, tasks=list(tasks), world=info.world)
     if kept is not None:
         return kept, {}
-    if cfg.dist.planner == "all" or info.world == 1:  # no costs needed
+    if cfg.dist.planner == "all" or info.world == 1:
         return plan_tasks(tasks=list(tasks), costs={}, world=info.world, planner=cfg.dist.planner), {}
     if cfg.dist.task_costs == "measured":
         factories = {n: (lambda t=t, i=i: _task_stream(t, seed=cfg.train.seed * 1000 + i, shard=(0, 1), workers=0,
