@@ -79,16 +79,21 @@ def _reference_conv(x, weight, *, out_idx, in_idx, stride, padding, dtype, chann
     return F.conv2d(x, w, None, stride, padding)
 
 
+@pytest.mark.parametrize("weights_cl", [False, True], ids=["weights_contiguous", "weights_channels_last"])
 @pytest.mark.parametrize("kernel, stride", [(1, 1), (3, 2)])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])
 @pytest.mark.parametrize("blocks", [True, False], ids=["lego_index", "channels"])
 @pytest.mark.parametrize("kind", ["rows", "cols", "both"])
-def test_routed_conv_equals_gather_then_conv(kind, blocks, autocast, channels_last, kernel, stride):
-    """The recomputing routed convolution gives bit-identical outputs, input and weight gradients."""
+def test_routed_conv_equals_gather_then_conv(kind, blocks, autocast, channels_last, kernel, stride, weights_cl):
+    """The recomputing routed convolution gives bit-identical outputs, input and weight gradients, for
+    full-size weights stored contiguous or channels_last (the gradient keeps the weight's layout)."""
     torch.manual_seed(0)
     conv = LegoConv2d(in_channels=16, out_channels=24, kernel_size=kernel, stride=stride, padding=kernel // 2)
+    if weights_cl:
+        conv.to(memory_format=torch.channels_last)
     ref = torch.nn.Parameter(conv.weight.detach().clone())
+    assert ref.stride() == conv.weight.stride()
     rows = LegoIndex(torch.tensor([5, 1]), 4) if kind != "cols" else None
     cols = LegoIndex(torch.tensor([0, 2]), 4) if kind != "rows" else None
     if not blocks:
@@ -101,7 +106,8 @@ def test_routed_conv_equals_gather_then_conv(kind, blocks, autocast, channels_la
             y = conv(x, in_idx=cols, out_idx=rows)
             y_ref = _reference_conv(x_ref, ref, out_idx=rows, in_idx=cols, stride=stride, padding=kernel // 2,
                                     dtype=torch.bfloat16 if autocast else None,
-                                    channels_last=channels_last and blocks)  # as lego_gather lays it out
+                                    # as lego_gather lays it out: blocks as the input, indices as the weight
+                                    channels_last=channels_last if blocks else weights_cl)
         g = torch.randn(y.shape)
         (y.float() * g).sum().backward()
         (y_ref.float() * g).sum().backward()
@@ -109,6 +115,7 @@ def test_routed_conv_equals_gather_then_conv(kind, blocks, autocast, channels_la
     assert torch.equal(y, y_ref)
     assert torch.equal(x.grad, x_ref.grad)
     assert torch.equal(conv.weight.grad, ref.grad)
+    assert conv.weight.grad.stride() == conv.weight.stride()
 
 
 @pytest.mark.parametrize("recompute", [True, pytest.param(False, marks=pytest.mark.xfail(strict=True))],
@@ -135,14 +142,16 @@ def test_routed_conv_keeps_no_gathered_weight_for_backward(monkeypatch, recomput
     assert sum(saved["routed"]) == sum(saved["dense"]) == x.numel()
 
 
-@pytest.mark.parametrize("shape", [(8, 12, 3, 3), (8, 12)])
+@pytest.mark.parametrize("shape, weights_cl", [((8, 12, 3, 3), False), ((8, 12, 3, 3), True), ((8, 12), False)],
+                         ids=["conv", "conv_channels_last", "linear"])
 @pytest.mark.parametrize("blocks", [True, False], ids=["lego_index", "channels"])
 @pytest.mark.parametrize("kind", ["rows", "cols", "both"])
 @pytest.mark.parametrize(("autocast", "direct"), [(False, False), (True, False), (True, True)],
                          ids=["fp32", "bf16_autocast", "bf16_gathered_channels_last"])
-def test_gather_accumulates_like_index_select_autograd(kind, blocks, shape, autocast, direct):
+def test_gather_accumulates_like_index_select_autograd(kind, blocks, shape, weights_cl, autocast, direct):
     torch.manual_seed(0)
-    new = torch.nn.Parameter(torch.randn(shape))
+    init = torch.randn(shape)
+    new = torch.nn.Parameter(init.contiguous(memory_format=torch.channels_last) if weights_cl else init)
     old = torch.nn.Parameter(new.detach().clone())
     rows, cols = _selection(kind, blocks, shape)
     for _ in range(2):  # two backward passes accumulate (one per task in a SIMT step)
@@ -155,6 +164,7 @@ def test_gather_accumulates_like_index_select_autograd(kind, blocks, shape, auto
                 y = F.conv2d(x_B, w, padding=1) if w.dim() == 4 else F.linear(x_B, w)
             (y.float() * torch.arange(y.numel()).view_as(y).sin()).sum().backward()
     assert new.grad.dtype == torch.float32 and new.grad.shape == new.shape
+    assert new.grad.stride() == new.stride()  # the gradient keeps its weight's layout
     assert torch.equal(new.grad, old.grad)
     mask = torch.zeros(shape[:2], dtype=torch.bool)
     row_ch = torch.arange(shape[0]) if rows is None else _channels(rows)
@@ -166,7 +176,8 @@ def test_gather_accumulates_like_index_select_autograd(kind, blocks, shape, auto
 def test_gather_grad_is_persistent_and_matches_param_layout():
     conv = LegoConv2d(in_channels=8, out_channels=8, kernel_size=3, padding=1)
     conv.to(memory_format=torch.channels_last)
-    assert conv.weight.is_contiguous(), "full-size lego weights stay contiguous"
+    assert not conv.weight.is_contiguous(), "full-size lego weights take the module's layout"
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     idx = LegoIndex(torch.tensor([1]), 4)
     x = torch.randn(2, 4, 6, 6).to(memory_format=torch.channels_last)
     conv(x, in_idx=idx, out_idx=idx).sum().backward()

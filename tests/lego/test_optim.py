@@ -110,6 +110,44 @@ def test_step_writes_only_the_used_rows() -> None:
     torch.testing.assert_close(conv.weight[~used], expected[~used])
 
 
+@pytest.mark.parametrize("dim", [0, 1], ids=["rows", "columns"])
+def test_channels_last_lego_weight_is_updated_on_its_own_memory_runs(dim: int) -> None:
+    """A channels_last lego weight (gppf's default layout): the written gradient regions are its
+    memory runs (rows: one flat run per lego run; columns: ``[out x kh x kw, run]`` strided views), the
+    step changes exactly the used legos and equals torch.optim.SGD."""
+    torch.manual_seed(0)
+    conv = LegoConv2d(in_channels=16, out_channels=16, kernel_size=3, padding=1).to(memory_format=torch.channels_last)
+    ref = LegoConv2d(in_channels=16, out_channels=16, kernel_size=3, padding=1).to(memory_format=torch.channels_last)
+    ref.load_state_dict(conv.state_dict())
+    hyper = dict(lr=0.1, momentum=0.9, weight_decay=0.1, nesterov=True)
+    declared = [LegoRows(param=conv.weight, point=0, width=2, legos=8, dim=dim)]
+    opt, o_ref = LegoSGD(conv.parameters(), lego_params=declared, **hyper), torch.optim.SGD(ref.parameters(), **hyper)
+    idx = LegoIndex(torch.tensor([1, 5]), 2)  # channels 2, 3 and 10, 11: two runs, 1/4 of the legos
+    kw = dict(out_idx=idx) if dim == 0 else dict(in_idx=idx)
+    x = torch.randn(2, 16 if dim == 0 else 4, 6, 6).to(memory_format=torch.channels_last)
+    opt.zero_grad(set_to_none=False), o_ref.zero_grad(set_to_none=False)
+    opt.prepare(rows_used(declared, [idx.idx_K[None]]))
+    for layer in (conv, ref):
+        layer(x, **kw).square().sum().backward()
+    assert conv.weight.grad.stride() == conv.weight.stride()
+    regions = opt.grad_regions(conv.weight)
+    base, item = conv.weight.grad.data_ptr(), conv.weight.grad.element_size()
+    if dim == 0:  # rows are outermost in memory: each run is one contiguous stretch of 2 x 3 x 3 x 16
+        assert [(g.shape, (g.data_ptr() - base) // item) for g in regions] == [((288,), 2 * 144), ((288,), 10 * 144)]
+    else:  # in-channels are innermost: [16 x 3 x 3 rows, 2 channels] strided views
+        assert [(g.shape, g.stride(), (g.data_ptr() - base) // item) for g in regions] == [
+            ((144, 2), (16, 1), 2), ((144, 2), (16, 1), 10)]
+    before = conv.weight.detach().clone()
+    opt.step(), o_ref.step()
+    changed = (conv.weight != before).transpose(0, dim).flatten(1).any(-1)
+    assert torch.equal(changed.nonzero().flatten(), idx.channels())  # only the used legos moved
+    used = idx.channels()
+    torch.testing.assert_close(conv.weight.index_select(dim, used), ref.weight.index_select(dim, used), atol=1e-6, rtol=1e-5)
+    opt.flush()
+    torch.testing.assert_close(conv.weight, ref.weight, atol=1e-6, rtol=1e-5)
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
 def _cols(layer: nn.Module, legos: int, width: int) -> list[LegoRows]:
     """A lone lego layer whose columns (in-channels) are ``legos`` legos; its rows are dense."""
     return [LegoRows(param=layer.weight, point=0, width=width, legos=legos, dim=1)]
@@ -198,9 +236,14 @@ def test_columns_used_widely_and_up_to_date_are_updated_whole() -> None:
         assert [g.data_ptr() for g in o_lazy.grad_regions(lazy.weight)] == [lazy.weight.grad.data_ptr()]  # whole
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("columns", ["strided", "auto"])
 @pytest.mark.parametrize("name", list(TINY))
-def test_backbone_matches_sgd_with_changing_routes(name: str, columns: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_backbone_matches_sgd_with_changing_routes(name: str, columns: str, layout: str,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Equal to SGD with lego weights stored contiguous or channels_last (gppf's default: row runs are
+    then flat memory runs, column runs strided ``[out x kh x kw, run]`` views)."""
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     if columns == "strided":  # every column lego lazily, whatever fraction a step uses
         monkeypatch.setattr(gppf.lego.optim, "_STRIDED_MAX_FRACTION", 1.0)
 
@@ -211,7 +254,7 @@ def test_backbone_matches_sgd_with_changing_routes(name: str, columns: str, monk
         # router logits stay put: their unit-RMS gradient would lift float-rounding differences of the two
         # gather paths to visible logit differences; the lego weights are what this test compares
         bb.router.logits_TLN.requires_grad_(False)
-        return bb
+        return bb.to(memory_format=fmt)
 
     ref, lazy = make(), make()
     hyper = dict(lr=0.01, momentum=0.9, weight_decay=1e-2, nesterov=True)
@@ -219,8 +262,10 @@ def test_backbone_matches_sgd_with_changing_routes(name: str, columns: str, monk
     o_ref = torch.optim.SGD(ref.parameters(), **hyper)
     o_lazy = LegoSGD(lazy.parameters(), lego_params=declared, **hyper)
     assert len(o_lazy.lazy_params) == len(declared) > 0
-    x = torch.randn(4, 3, 32, 32)
+    x = torch.randn(4, 3, 32, 32).to(memory_format=fmt)
     assert {d.dim for d in declared} == {0, 1}  # lego rows and lego columns (conv2/conv3, out_proj/fc2)
+    if layout == "channels_last" and name != "gppf_vit_tiny":  # 3x3 lego weights are stored channels_last
+        assert any(not d.param.is_contiguous() for d in declared)
     for step in range(6):
         task = "a" if step % 3 else "b"
         ref.router.set_progress(step, 6), lazy.router.set_progress(step, 6)

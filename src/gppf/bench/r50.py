@@ -150,7 +150,7 @@ def make_sgd(params: Any, *, impl: SgdImpl, lazy: bool, lego_params: Sequence[Le
 def make_trainee(model: MultiHead, *, tasks: list[str], batch: int, image_size: int, sgd: SgdImpl, lazy: bool,
                  weights_channels_last: bool, clock: Callable[[], float], device: str = "cpu",
                  amp_dtype: torch.dtype | None = torch.bfloat16) -> Trainee:
-    """Train mode, weights in the asked layout (lego weights stay contiguous), seeded batches, on ``device``."""
+    """Train mode, weights (lego weights too) in the asked layout, seeded batches, on ``device``."""
     model.train().to(device)
     if weights_channels_last:
         model.to(memory_format=torch.channels_last)

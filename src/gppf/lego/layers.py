@@ -22,9 +22,12 @@ under autocast the accumulated gradient keeps the parameter's dtype. Consequence
   its dense twin holds (the convolutions' inputs), not also a copy of every gathered weight (CPU,
   float32, GPPF-R18 32 px, two tasks: a step's working memory 1.58x -> 1.00x the dense twin's, for one
   more block copy per weight). Under autocast both keep one cast copy per layer.
-* ``LegoConv2d`` keeps its full-size weight contiguous (``_apply``), also through
-  ``model.to(memory_format=torch.channels_last)``: the gather is a flat block copy, and optimizers
-  (fused SGD on CPU re-lays out channels_last tensors) run on plain contiguous memory.
+* A ``LegoConv2d`` weight takes the layout its module is given, as any ``nn.Conv2d``:
+  ``model.to(memory_format=torch.channels_last)`` (gppf's default) stores it channels_last, the
+  layout its gathered weights are made in for channels_last inputs, so a gather and its gradient's
+  accumulation copy runs of memory in the same order instead of transposing every element (a
+  transposing copy with a cast cost 2-3x a plain one on CPU). ``gppf.lego.optim.LegoSGD`` updates such
+  a weight on flat views of its memory.
 
 Which parameters are lego parameters is declared, not registered: a model lists its routed
 parameters as :class:`LegoRows` (parameter, routing point, lego width, number of legos, copies, and
@@ -37,7 +40,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Union
+from typing import Any, Iterable, Union
 
 import numpy as np
 import torch
@@ -123,12 +126,18 @@ def _blocks(index: Index) -> tuple[Tensor, int]:
 
 @dataclass(frozen=True)
 class _Plan:
-    """A gather as one ``index_select(dim, index)`` on a flat view of a contiguous tensor."""
+    """A gather as one ``index_select(dim, index)`` on a flat view of the tensor in memory order.
 
-    view: tuple[int, ...]  # the full tensor's view
+    ``perm`` is the memory order of the full tensor (``(0, 2, 3, 1)`` for a channels_last weight, else
+    the identity); ``view``, ``dim`` and ``index`` address the tensor permuted so, and the gathered
+    tensor has the full tensor's layout (a channels_last weight gives a channels_last selection).
+    """
+
+    view: tuple[int, ...]  # the full tensor's view (in memory order)
     dim: int
     index: Tensor
-    out_shape: tuple[int, ...]  # the gathered tensor's shape
+    out_shape: tuple[int, ...]  # the gathered tensor's shape (in memory order)
+    perm: tuple[int, ...]
 
     @property
     def picked(self) -> tuple[int, ...]:
@@ -137,36 +146,64 @@ class _Plan:
         shape[self.dim] = self.index.numel()
         return tuple(shape)
 
+    def _inverse(self) -> tuple[int, ...]:
+        return tuple(sorted(range(len(self.perm)), key=self.perm.__getitem__))
+
     def gather(self, full: Tensor) -> Tensor:
-        """The selection of ``full`` (a strided ``full`` is first copied: the slow path)."""
-        return full.contiguous().view(self.view).index_select(self.dim, self.index).view(self.out_shape)
+        """The selection of ``full`` (a ``full`` not laid out as planned is first copied: the slow path)."""
+        mem = full.permute(self.perm).contiguous().view(self.view)
+        return mem.index_select(self.dim, self.index).view(self.out_shape).permute(self._inverse())
 
     def accumulate(self, full_grad: Tensor, grad: Tensor) -> None:
-        """``full_grad[selection] += grad`` in place (via a contiguous temporary if it is strided)."""
-        target = full_grad
-        if not full_grad.is_contiguous():
-            target = torch.zeros_like(full_grad, memory_format=torch.contiguous_format)
-        source = grad.to(target.dtype).reshape(self.picked)
+        """``full_grad[selection] += grad`` in place (via a temporary if it is not laid out as planned)."""
+        target = full_grad.permute(self.perm)
+        if not target.is_contiguous():
+            target = torch.zeros_like(target, memory_format=torch.contiguous_format)
+        source = grad.permute(self.perm).to(target.dtype).reshape(self.picked)
         target.view(self.view).index_add_(self.dim, self.index, source)
-        if target is not full_grad:
-            full_grad.add_(target)
+        if target.data_ptr() != full_grad.data_ptr():
+            full_grad.add_(target.permute(self._inverse()))
 
 
-def _plan(shape: torch.Size, rows: Index | None, cols: Index | None) -> _Plan:
-    """Flat view + index that selects ``rows`` (dim 0) and/or ``cols`` (dim 1) of a tensor of ``shape``."""
-    rest = shape[2:]
+def memory_order(t: Tensor) -> tuple[int, ...] | None:
+    """The permutation of ``t``'s dims that makes it contiguous (outermost dim first: ``(0, 2, 3, 1)``
+    for a channels_last weight), or ``None`` if ``t`` is not dense in memory."""
+    if t.is_contiguous():
+        return tuple(range(t.dim()))
+    perm = tuple(sorted(range(t.dim()), key=lambda d: -t.stride(d)))  # stable: ties keep dim order
+    return perm if t.permute(perm).is_contiguous() else None
+
+
+def _is_channels_last(t: Tensor) -> bool:
+    """A 4-D tensor laid out channels_last and not also contiguous (the layouts differ)."""
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def _plan(full: Tensor, rows: Index | None, cols: Index | None) -> _Plan:
+    """Flat view + index that selects ``rows`` (dim 0) and/or ``cols`` (dim 1) of ``full``, in its
+    memory order (channels_last: ``[O, kh, kw, I]``, in-channels innermost)."""
+    if rows is None and cols is None:
+        raise ValueError("nothing to select: rows and cols are both None")
+    cl = _is_channels_last(full)
+    perm = (0, 2, 3, 1) if cl else tuple(range(full.dim()))
+    shape = full.shape
+    lead = shape[2:] if cl else ()  # dims between rows and columns in memory order
+    rest = () if cl else shape[2:]  # dims after columns in memory order
+    n_lead = math.prod(lead)
     if cols is None:
-        if rows is None:
-            raise ValueError("nothing to select: rows and cols are both None")
-        r, bo = _blocks(rows)
-        return _Plan((shape[0] // bo, -1), 0, r, (r.numel() * bo, *shape[1:]))
+        r, bo = _blocks(rows)  # type: ignore[arg-type]
+        mem = (r.numel() * bo, *lead, *shape[1:2], *rest)
+        return _Plan((shape[0] // bo, -1), 0, r, mem, perm)
     c, bi = _blocks(cols)
     n_cols = c.numel() * bi
     if rows is None:
-        return _Plan((shape[0], shape[1] // bi, -1), 1, c, (shape[0], n_cols, *rest))
+        view = (shape[0] * n_lead, shape[1] // bi, -1)
+        return _Plan(view, 1, c, (shape[0], *lead, n_cols, *rest), perm)
     row_ch = rows.channels() if isinstance(rows, LegoIndex) else rows
-    cells = (row_ch[:, None] * (shape[1] // bi) + c[None, :]).reshape(-1)  # (row, column block) pairs
-    return _Plan((shape[0] * (shape[1] // bi), -1), 0, cells, (row_ch.numel(), n_cols, *rest))
+    lanes = (row_ch[:, None] * n_lead + torch.arange(n_lead, device=row_ch.device)[None, :]).reshape(-1)
+    cells = (lanes[:, None] * (shape[1] // bi) + c[None, :]).reshape(-1)  # (row, lead, column block)
+    return _Plan((shape[0] * n_lead * (shape[1] // bi), -1), 0, cells, (row_ch.numel(), *lead, n_cols, *rest),
+                 perm)
 
 
 Run = tuple[int, int, int]  # (first channel in the gathered tensor, first channel in the full one, count)
@@ -290,7 +327,7 @@ def lego_gather(
     """
     if rows is None and cols is None:
         return param
-    plan = _block_plan(param.shape, rows, cols, param.device) or _plan(param.shape, rows, cols)
+    plan = _block_plan(param.shape, rows, cols, param.device) or _plan(param, rows, cols)
     if not (param.is_leaf and param.requires_grad and torch.is_grad_enabled()):
         return _apply_plan(plan, param, dtype, channels_last)
     return _GatherIntoGrad.apply(param, plan, dtype, channels_last)
@@ -311,6 +348,7 @@ class _RoutedConv(torch.autograd.Function):
                 channels_last: bool, stride: int, padding: int) -> Tensor:
         weight = _apply_plan(plan, param, None, channels_last)
         ctx.param, ctx.plan, ctx.channels_last, ctx.stride, ctx.padding = param, plan, channels_last, stride, padding
+        ctx.weight_layout = (weight.shape, weight.stride())
         ctx.save_for_backward(x)
         return torch.ops.aten.convolution(x, weight, None, [stride] * 2, [padding] * 2, [1, 1], False, [0, 0], 1)
 
@@ -332,23 +370,12 @@ class _RoutedConv(torch.autograd.Function):
         # the weight gradient reads only x and grad; the kernel wants a weight of the gathered shape and
         # layout for its metadata: a view of the parameter's own memory (its values are never read; the
         # equality tests pin the result), so no gathered copy is alive here
-        laid_out = ctx.channels_last and isinstance(ctx.plan, _BlockPlan)  # as ``_apply_plan`` lays it out
-        shaped = _shaped_view(param, ctx.plan.out_shape, channels_last=laid_out)
+        shaped = param.as_strided(*ctx.weight_layout)  # the gathered weight's shape and strides, no copy
         grad_w = torch.ops.aten.convolution_backward(grad, x, shaped, None, *conv, [False, True, False])[1]
         if ctx.param.grad is None:
             ctx.param.grad = torch.zeros_like(ctx.param)
         ctx.plan.accumulate(ctx.param.grad, grad_w)
         return grad_x, None, None, None, None, None
-
-
-def _shaped_view(t: Tensor, shape: tuple[int, ...], *, channels_last: bool) -> Tensor:
-    """The first ``prod(shape)`` elements of a contiguous ``t`` viewed as ``shape`` (channels_last
-    strides for a 4-D ``shape`` if asked): no copy."""
-    flat = t.view(-1)[:math.prod(shape)]
-    if channels_last and len(shape) == 4:
-        o, i, kh, kw = shape
-        return flat.view(o, kh, kw, i).permute(0, 3, 1, 2)
-    return flat.view(shape)
 
 
 def routed_conv2d(x_BCHW: Tensor, weight: Tensor, *, out_idx: Index | None, in_idx: Index | None,
@@ -360,11 +387,11 @@ def routed_conv2d(x_BCHW: Tensor, weight: Tensor, *, out_idx: Index | None, in_i
     this. Under autocast (``dtype`` set) the dense twin keeps its cast weight for the backward, and so
     does this (the gathered weight is that cast; no second gather). Plain gather + conv also where no
     gradient flows into ``weight`` as a lego parameter."""
-    if (dtype is not None or (out_idx is None and in_idx is None) or not weight.is_contiguous()
+    if (dtype is not None or (out_idx is None and in_idx is None) or memory_order(weight) is None
             or not (weight.is_leaf and weight.requires_grad and torch.is_grad_enabled())):
         w = lego_gather(weight, out_idx, in_idx, dtype=dtype, channels_last=channels_last)
         return F.conv2d(x_BCHW, w, None, stride, padding)
-    plan = _block_plan(weight.shape, out_idx, in_idx, weight.device) or _plan(weight.shape, out_idx, in_idx)
+    plan = _block_plan(weight.shape, out_idx, in_idx, weight.device) or _plan(weight, out_idx, in_idx)
     return _RoutedConv.apply(x_BCHW, weight, plan, channels_last, stride, padding)
 
 
@@ -398,10 +425,6 @@ class LegoConv2d(nn.Module):
         # Kaiming fan-out of the *active* sub-network, so a routed net starts like its dense twin.
         fan_out = (active_out_channels or out_channels) * kernel_size * kernel_size
         nn.init.normal_(self.weight, 0.0, math.sqrt(2.0 / fan_out))
-
-    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> LegoConv2d:
-        """As ``Module._apply``, but the full-size tensors stay contiguous (see the module docstring)."""
-        return super()._apply(lambda t: fn(t).contiguous(), recurse)
 
     def forward(self, x_BCHW: Tensor, *, in_idx: Index | None = None, out_idx: Index | None = None) -> Tensor:
         dtype = autocast_dtype(x_BCHW)  # gather straight into the compute dtype and layout

@@ -21,8 +21,12 @@ runs when a model is read):
   draws them once, up front, and passes them both here and to the forward. Catching up inside the
   forward would make reading a model change it; catching up every row each step costs what plain
   SGD costs.
-* ``step()`` runs the same fused / foreach kernel as ``torch.optim.SGD`` on contiguous views of the
-  used row runs (and on dense parameters whole). Column runs are strided views (``w[:, c0:c1]``),
+* ``step()`` runs the same fused / foreach kernel as ``torch.optim.SGD`` on flat views of the used
+  row runs' memory (and on dense parameters whole, a channels_last one as a flat view of its memory,
+  which the fused CPU kernel would otherwise re-lay out). Parameters are taken in their memory order,
+  contiguous or channels_last: a run of rows (out-channels, outermost in both) is one stretch of
+  memory. Column runs are strided views (``[outer, run * inner]``: ``w[:, c0:c1]`` of a contiguous
+  weight, ``[out x kh x kw, run]`` of a channels_last one, whose in-channels are innermost),
   which torch's fused CPU kernel silently treats as contiguous memory (wrong results), so they take
   four elementwise passes with SGD's arithmetic (:func:`strided_sgd`); these cost more per element,
   so a column parameter that is up to date and used above ``_STRIDED_MAX_FRACTION`` takes a whole
@@ -47,6 +51,7 @@ Supported: ``momentum``, ``weight_decay``, ``nesterov``, learning-rate schedules
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable, Mapping, Protocol, runtime_checkable
 
 import numpy as np
@@ -55,7 +60,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim.sgd import sgd as _functional_sgd
 
-from gppf.lego.layers import LegoRows
+from gppf.lego.layers import LegoRows, memory_order
 
 Mat = tuple[float, float, float, float]  # row-major 2x2 map of (w, v)
 
@@ -99,14 +104,38 @@ def row_runs(mask_R: np.ndarray) -> list[tuple[int, int]]:
     return list(zip(np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist()))
 
 
+def flat(t: Tensor) -> Tensor:
+    """A dense ``t`` as a 1-D view of its memory (elementwise kernels then never re-lay it out)."""
+    perm = memory_order(t)
+    if perm is None:
+        raise ValueError(f"a tensor with strides {t.stride()} is not dense in memory")
+    return t.permute(perm).view(-1)
+
+
+def _lanes(t: Tensor, dim: int) -> Tensor:
+    """A dense ``t`` as a contiguous ``[outer, t.shape[dim], inner]`` view in memory order."""
+    perm = memory_order(t)
+    if perm is None:
+        raise ValueError(f"a tensor with strides {t.stride()} is not dense in memory")
+    at = perm.index(dim)
+    mem = t.permute(perm)
+    return mem.view(math.prod(mem.shape[:at]), t.shape[dim], math.prod(mem.shape[at + 1:]))
+
+
 def _views(t: Tensor, runs: list[tuple[int, int]], dim: int = 0) -> list[Tensor]:
-    """Runs of ``t`` along ``dim``: row runs as contiguous views, column runs of a contiguous ``t``
-    as 2-D strided views ``[rows, run * inner]`` (each row's part of a run is contiguous)."""
-    if dim == 0:
-        return [t[r0:r1] for r0, r1 in runs]
-    flat = t.view(t.shape[0], -1)
-    inner = flat.shape[1] // t.shape[1]
-    return [flat[:, c0 * inner:c1 * inner] for c0, c1 in runs]
+    """Runs of a dense ``t`` along ``dim`` in memory order: where ``dim`` is outermost in memory (rows
+    of a contiguous or channels_last weight) each run is one contiguous 1-D view; otherwise (columns)
+    a 2-D strided view ``[outer, run * inner]`` whose rows are contiguous."""
+    lanes = _lanes(t, dim)
+    if lanes.shape[0] == 1:
+        return [lanes[0, r0:r1].reshape(-1) for r0, r1 in runs]
+    return [lanes[:, r0:r1].reshape(lanes.shape[0], -1) for r0, r1 in runs]
+
+
+def _same_layout(p: Tensor, *others: Tensor | None) -> bool:
+    """Whether ``p`` is dense and every other tensor has its shape and strides."""
+    return memory_order(p) is not None and all(o is None or (o.shape == p.shape and o.stride() == p.stride())
+                                               for o in others)
 
 
 def strided_sgd(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor | None], *, lr: float,
@@ -142,6 +171,15 @@ class _LazyCells:
         self.used_R = np.zeros(self.rows, dtype=bool)  # rows prepared for the coming step()
         self.dirty_R = np.zeros(self.rows, dtype=bool)  # rows whose .grad may be non-zero (since zero_grad)
         self.stale = False  # some row missed a step and is not caught up yet
+        self._last_runs: tuple[bytes, list[tuple[int, int]]] = (b"", [])
+
+    def runs(self, mask_R: np.ndarray) -> list[tuple[int, int]]:
+        """``row_runs(mask_R)``, remembered for the last mask (a step asks for the same rows in
+        ``step``, ``grad_regions`` and ``zero_grad``)."""
+        key = mask_R.tobytes()
+        if key != self._last_runs[0]:
+            self._last_runs = (key, row_runs(mask_R))
+        return self._last_runs[1]
 
     def catch_up(self, mask_R: np.ndarray) -> None:
         """Apply the skipped steps to the rows of ``mask_R`` that are behind."""
@@ -152,7 +190,7 @@ class _LazyCells:
         for s in np.unique(self.synced_R[behind_R]).tolist():
             sel_R = behind_R & (self.synced_R == s)
             a, b, c, d = self.clock.since[s]
-            runs = row_runs(sel_R)
+            runs = self.runs(sel_R)
             ws = self.views(self.param.data, runs)
             if buf is None:
                 torch._foreach_mul_(ws, a)
@@ -200,10 +238,10 @@ class _LazyCells:
         if grad is not None:
             if set_to_none:
                 self.param.grad = None
-            elif not grad.is_contiguous() or self.dirty_R.all():
+            elif not _same_layout(self.param, grad) or self.dirty_R.all():
                 grad.zero_()
             elif self.dirty_R.any():
-                torch._foreach_zero_(self.views(grad, row_runs(self.dirty_R)))
+                torch._foreach_zero_(self.views(grad, self.runs(self.dirty_R)))
         self.dirty_R[:] = False
 
 
@@ -270,7 +308,7 @@ class LegoSGD(torch.optim.Optimizer):
             for p in group["params"]:
                 wanted = lazy if lazy is not None else p.device.type == "cpu"
                 dim = declared.get(id(p))
-                if wanted and dim is not None and p.dim() > dim and p.is_contiguous():
+                if wanted and dim is not None and p.dim() > dim and memory_order(p) is not None:
                     self._cells[id(p)] = _LazyCells(p, clock=clock, state=self.state[p], dim=dim)
         self._prepared = False
 
@@ -302,11 +340,11 @@ class LegoSGD(torch.optim.Optimizer):
         Column runs are 2-D strided views ``[rows, run * inner]``; their norm should be taken per row
         (``gppf.engine.simt.total_norm``): torch's norm of a whole strided view sums naively."""
         cells, grad = self._cells.get(id(param)), param.grad
-        if cells is None or grad is None or not grad.is_contiguous():
+        if cells is None or grad is None or not _same_layout(param, grad):
             return None
         if cells.dirty_R.all() or (cells.dim == 1 and cells.dirty_R.mean() > _STRIDED_MAX_FRACTION):
             return [grad]  # (strided column runs cost more per element: above 1/4, read the whole gradient)
-        return cells.views(grad, row_runs(cells.dirty_R))
+        return cells.views(grad, cells.runs(cells.dirty_R))
 
     @torch.no_grad()
     def flush(self) -> None:
@@ -386,11 +424,15 @@ class LegoSGD(torch.optim.Optimizer):
             if mom > 0 and "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             buf = state.get("momentum_buffer")
-            if cells is None or not p.grad.is_contiguous() or cells.used_R.all() or cells.whole_is_cheaper():
+            same = _same_layout(p, p.grad, buf)
+            if cells is None or not same or cells.used_R.all() or cells.whole_is_cheaper():
                 if cells is not None:
                     cells.flush()
                     updated.append((cells, None))
-                params.append(p), grads.append(p.grad), bufs.append(buf)
+                if same and not p.is_contiguous():  # e.g. channels_last: one flat pass, no re-layout
+                    params.append(flat(p)), grads.append(flat(p.grad)), bufs.append(None if buf is None else flat(buf))
+                else:
+                    params.append(p), grads.append(p.grad), bufs.append(buf)
                 continue
             mask_R = cells.used_R.copy()
             cells.stale = True  # some rows skip this step
@@ -398,7 +440,7 @@ class LegoSGD(torch.optim.Optimizer):
                 continue
             cells.catch_up(mask_R)  # rows only another rank used were not prepared here
             updated.append((cells, mask_R))
-            runs = row_runs(mask_R)
+            runs = cells.runs(mask_R)
             ps, gs = cells.views(p.detach(), runs), cells.views(p.grad, runs)
             bs: list[Tensor | None] = [None] * len(runs) if buf is None else cells.views(buf, runs)
             target = (params, grads, bufs) if cells.dim == 0 else strided  # rows: SGD's own kernel
