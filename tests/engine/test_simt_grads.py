@@ -15,7 +15,7 @@ from gppf.lego.layers import rows_used
 from gppf.lego.optim import LegoSGD
 
 
-def _routed_backward(*, legos: int = 8, active: int = 2) -> tuple[torch.nn.Module, LegoSGD, list]:
+def _routed_backward(*, legos: int = 16, active: int = 2) -> tuple[torch.nn.Module, LegoSGD, list]:
     """A GPPF-R18 (width 1/8) with LegoSGD after one backward of task ``a`` on a fixed route."""
     backbone = gppf.create_backbone("gppf_r18", tasks=["a"], legos=legos, active=active, width_mult=0.125)
     backbone.router.fix_route("a", [[1, 5]] * backbone.router.num_layers)
@@ -38,13 +38,13 @@ def test_written_regions_are_the_used_rows_and_give_the_full_norm():
     regions = written_grads(params, opt)
     full = [p.grad for p in params if p.grad is not None]
     assert total_norm(regions) == pytest.approx(float(torch.nn.utils.get_total_norm(full)), rel=1e-6)
-    conv1 = backbone.layer1[0].conv1.weight  # rows: 8 legos of width 8; the route uses legos 1 and 5
+    conv1 = backbone.layer1[0].conv1.weight  # rows: 16 legos of width 4; the route uses legos 1 and 5
     rows = [g for g in regions if g.data_ptr() >= conv1.grad.data_ptr()
             and g.data_ptr() < conv1.grad.data_ptr() + conv1.grad.numel() * conv1.grad.element_size()]
-    width = conv1.shape[0] // 8
+    width = conv1.shape[0] // 16
     assert [g.numel() for g in rows] == [width * conv1[0].numel()] * 2  # one memory run per used lego
     assert conv1.grad[:width].abs().sum() == 0 and conv1.grad[width:2 * width].abs().sum() > 0
-    conv2 = backbone.layer1[0].conv2.weight  # columns: 8 legos of width 8; legos 1 and 5 used
+    conv2 = backbone.layer1[0].conv2.weight  # columns: 16 legos of width 4; legos 1 and 5 used (1/8)
     cols = [g for g in regions if not g.is_contiguous()
             and conv2.grad.data_ptr() <= g.data_ptr() < conv2.grad.data_ptr() + conv2.grad.nbytes]
     assert [g.shape for g in cols] == [(conv2.shape[0], width * 9)] * 2
@@ -69,7 +69,7 @@ def test_norm_of_column_runs_is_exact_and_catches_non_finite():
 def test_norm_detects_non_finite_values_in_written_rows():
     backbone, opt, params = _routed_backward()
     conv1 = backbone.layer1[0].conv1.weight
-    width = conv1.shape[0] // 8
+    width = conv1.shape[0] // 16
     conv1.grad[width + 1, 0, 0, 0] = math.inf  # a row of lego 1, which the step wrote
     assert total_norm(written_grads(params, opt)) == math.inf
     conv1.grad[width + 1, 0, 0, 0] = math.nan

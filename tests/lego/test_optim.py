@@ -120,11 +120,11 @@ def test_channels_last_lego_weight_is_updated_on_its_own_memory_runs(dim: int) -
     ref = LegoConv2d(in_channels=16, out_channels=16, kernel_size=3, padding=1).to(memory_format=torch.channels_last)
     ref.load_state_dict(conv.state_dict())
     hyper = dict(lr=0.1, momentum=0.9, weight_decay=0.1, nesterov=True)
-    declared = [LegoRows(param=conv.weight, point=0, width=2, legos=8, dim=dim)]
+    declared = [LegoRows(param=conv.weight, point=0, width=1, legos=16, dim=dim)]
     opt, o_ref = LegoSGD(conv.parameters(), lego_params=declared, **hyper), torch.optim.SGD(ref.parameters(), **hyper)
-    idx = LegoIndex(torch.tensor([1, 5]), 2)  # channels 2, 3 and 10, 11: two runs, 1/4 of the legos
+    idx = LegoIndex(torch.tensor([2, 10]), 1)  # channels 2 and 10: two runs, 1/8 of the legos
     kw = dict(out_idx=idx) if dim == 0 else dict(in_idx=idx)
-    x = torch.randn(2, 16 if dim == 0 else 4, 6, 6).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 16 if dim == 0 else 2, 6, 6).to(memory_format=torch.channels_last)
     opt.zero_grad(set_to_none=False), o_ref.zero_grad(set_to_none=False)
     opt.prepare(rows_used(declared, [idx.idx_K[None]]))
     for layer in (conv, ref):
@@ -132,11 +132,11 @@ def test_channels_last_lego_weight_is_updated_on_its_own_memory_runs(dim: int) -
     assert conv.weight.grad.stride() == conv.weight.stride()
     regions = opt.grad_regions(conv.weight)
     base, item = conv.weight.grad.data_ptr(), conv.weight.grad.element_size()
-    if dim == 0:  # rows are outermost in memory: each run is one contiguous stretch of 2 x 3 x 3 x 16
-        assert [(g.shape, (g.data_ptr() - base) // item) for g in regions] == [((288,), 2 * 144), ((288,), 10 * 144)]
-    else:  # in-channels are innermost: [16 x 3 x 3 rows, 2 channels] strided views
+    if dim == 0:  # rows are outermost in memory: each run is one contiguous stretch of 3 x 3 x 16
+        assert [(g.shape, (g.data_ptr() - base) // item) for g in regions] == [((144,), 2 * 144), ((144,), 10 * 144)]
+    else:  # in-channels are innermost: [16 x 3 x 3 rows, 1 channel] strided views
         assert [(g.shape, g.stride(), (g.data_ptr() - base) // item) for g in regions] == [
-            ((144, 2), (16, 1), 2), ((144, 2), (16, 1), 10)]
+            ((144, 1), (16, 1), 2), ((144, 1), (16, 1), 10)]
     before = conv.weight.detach().clone()
     opt.step(), o_ref.step()
     changed = (conv.weight != before).transpose(0, dim).flatten(1).any(-1)
@@ -155,15 +155,15 @@ def _cols(layer: nn.Module, legos: int, width: int) -> list[LegoRows]:
 
 @pytest.mark.parametrize("hyper", HYPER, ids=["nesterov", "momentum", "plain", "no_decay"])
 def test_column_legos_match_sgd_step_by_step(hyper: dict) -> None:
-    ref, lazy = _twins(LegoLinear, in_features=12, out_features=5)
+    ref, lazy = _twins(LegoLinear, in_features=24, out_features=5)  # 8 column legos of width 3
     o_ref = torch.optim.SGD(ref.parameters(), **hyper)
-    o_lazy = LegoSGD(lazy.parameters(), lego_params=_cols(lazy, 4, 3), **hyper)
+    o_lazy = LegoSGD(lazy.parameters(), lego_params=_cols(lazy, 8, 3), **hyper)
     s_ref = torch.optim.lr_scheduler.StepLR(o_ref, 3, gamma=0.5)
     s_lazy = torch.optim.lr_scheduler.StepLR(o_lazy, 3, gamma=0.5)
-    gen, x = torch.Generator().manual_seed(1), torch.randn(5, 12)
+    gen, x = torch.Generator().manual_seed(1), torch.randn(5, 24)
     for _ in range(15):
-        cols = _route(gen, 4, int(torch.randint(1, 4, (1,), generator=gen)), 3)
-        o_lazy.prepare(rows_used(_cols(lazy, 4, 3), [cols.idx_K[None]]))
+        cols = _route(gen, 8, int(torch.randint(1, 4, (1,), generator=gen)), 3)  # strided or whole
+        o_lazy.prepare(rows_used(_cols(lazy, 8, 3), [cols.idx_K[None]]))
         outs = []
         for layer, opt, sched in ((ref, o_ref, s_ref), (lazy, o_lazy, s_lazy)):
             opt.zero_grad(set_to_none=False)
@@ -182,12 +182,12 @@ def test_column_legos_match_sgd_step_by_step(hyper: dict) -> None:
 
 
 def test_step_writes_only_the_used_columns() -> None:
-    """Columns used in a fraction <= 1/4 are updated lazily (strided runs); the rest wait, bit-identical."""
-    conv = LegoConv2d(in_channels=16, out_channels=6, kernel_size=3, padding=1)
+    """Columns used in a fraction <= 1/8 are updated lazily (strided runs); the rest wait, bit-identical."""
+    conv = LegoConv2d(in_channels=32, out_channels=6, kernel_size=3, padding=1)
     hyper = dict(lr=0.1, momentum=0.9, weight_decay=0.1, nesterov=True)
-    opt = LegoSGD(conv.parameters(), lego_params=_cols(conv, 8, 2), **hyper)
+    opt = LegoSGD(conv.parameters(), lego_params=_cols(conv, 16, 2), **hyper)
     cols = LegoIndex(torch.tensor([1, 5]), 2)
-    used = torch.zeros(16, dtype=torch.bool)
+    used = torch.zeros(32, dtype=torch.bool)
     used[cols.channels()] = True
     x = torch.randn(2, 4, 6, 6)
     for step in range(2):
@@ -195,7 +195,7 @@ def test_step_writes_only_the_used_columns() -> None:
         buf_before = opt.state[conv.weight].get("momentum_buffer")
         buf_before = None if buf_before is None else buf_before.clone()
         opt.zero_grad(set_to_none=False)
-        opt.prepare(rows_used(_cols(conv, 8, 2), [cols.idx_K[None]]))
+        opt.prepare(rows_used(_cols(conv, 16, 2), [cols.idx_K[None]]))
         conv(x, in_idx=cols).square().sum().backward()
         assert not conv.weight.grad[:, ~used].any()
         regions = opt.grad_regions(conv.weight)  # the two used column runs, as [out, 2 x 3 x 3] views
@@ -219,7 +219,7 @@ def test_step_writes_only_the_used_columns() -> None:
 
 
 def test_columns_used_widely_and_up_to_date_are_updated_whole() -> None:
-    """Above a fraction 1/4 (fused kernel cheaper than strided passes) an up-to-date column parameter
+    """Above a fraction 1/8 (fused kernel cheaper than strided passes) an up-to-date column parameter
     takes a whole SGD step, exactly as torch.optim.SGD, and stays up to date."""
     ref, lazy = _twins(LegoConv2d, in_channels=8, out_channels=6, kernel_size=3, padding=1)
     hyper = dict(lr=0.1, momentum=0.9, weight_decay=0.1, nesterov=True)

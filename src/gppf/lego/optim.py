@@ -66,10 +66,12 @@ Mat = tuple[float, float, float, float]  # row-major 2x2 map of (w, v)
 
 _GC_EVERY = 64  # steps between prunes of unused skipped-step maps
 # Column runs are strided views; on CPU (torch 2.14) SGD's four strided passes over a fraction f of a
-# conv weight cost about what the fused kernel costs over all of it at f = 1/4 (GPPF-R18 layer-4 conv2:
-# f = 1/8: 2.9 ms, 1/4: 5.5 ms, 1/2: 8.9 ms; fused whole: 5.8 ms). Above it a column parameter that is
-# up to date is updated whole (exact, and it stays up to date).
-_STRIDED_MAX_FRACTION = 0.25
+# weight's columns cost about what the fused kernel costs over all of it at f = 1/8 (AVX512 machine,
+# weights channels_last as trained: GPPF-R18 layer-4 conv2 [512, 2048, 3, 3], N=8: fused whole 5.9-6.6
+# ms, strided 1/8: 4.0-7.6, 2/8: 10-18.5; R50 conv3 [2048, 2048, 1, 1], N=16: whole 2.2, 2/16: 0.7,
+# 3/16: 2.1). Above it a column parameter that is up to date is updated whole (exact, and it stays up
+# to date).
+_STRIDED_MAX_FRACTION = 0.125
 
 
 def _compose(a: Mat, b: Mat) -> Mat:
@@ -343,7 +345,7 @@ class LegoSGD(torch.optim.Optimizer):
         if cells is None or grad is None or not _same_layout(param, grad):
             return None
         if cells.dirty_R.all() or (cells.dim == 1 and cells.dirty_R.mean() > _STRIDED_MAX_FRACTION):
-            return [grad]  # (strided column runs cost more per element: above 1/4, read the whole gradient)
+            return [grad]  # (strided column runs cost more per element: above 1/8, read the whole gradient)
         return cells.views(grad, cells.runs(cells.dirty_R))
 
     @torch.no_grad()
