@@ -170,6 +170,8 @@ def memory_order(t: Tensor) -> tuple[int, ...] | None:
     for a channels_last weight), or ``None`` if ``t`` is not dense in memory."""
     if t.is_contiguous():
         return tuple(range(t.dim()))
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return (0, 2, 3, 1)
     perm = tuple(sorted(range(t.dim()), key=lambda d: -t.stride(d)))  # stable: ties keep dim order
     return perm if t.permute(perm).is_contiguous() else None
 
