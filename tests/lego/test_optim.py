@@ -468,3 +468,43 @@ def test_loaded_state_of_a_channels_last_weight_resumes_exactly() -> None:
     run(range(2, 4), resumed, opt2)
     assert resumed.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(resumed.detach(), ref.detach())
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])
+def test_lego_weight_layout_does_not_change_training(autocast: bool) -> None:
+    """GPPF-R18 trained a few steps with LegoSGD and changing routes: lego conv weights stored
+    channels_last (as ``model.to(memory_format=channels_last)`` leaves them) or contiguous give
+    bit-identical weights, gradients and momentum (only the memory order of the copies differs)."""
+    from gppf.lego.layers import LegoConv2d
+
+    models = []
+    for contiguous_legos in (False, True):
+        torch.manual_seed(0)
+        bb = gppf.create_backbone("gppf_r18", tasks=["a", "b"], legos=4, active=2, width_mult=0.25,
+                                  router={"mode": "topk_st"}).to(memory_format=torch.channels_last)
+        if contiguous_legos:
+            for m in bb.modules():
+                if isinstance(m, LegoConv2d):
+                    m.weight.data = m.weight.data.contiguous()
+        models.append(bb)
+    assert not models[0].layer1[0].conv1.weight.is_contiguous() and models[1].layer1[0].conv1.weight.is_contiguous()
+    opts = [LegoSGD(m.parameters(), lego_params=m.lego_rows(), lr=0.1, momentum=0.9, weight_decay=1e-2, nesterov=True)
+            for m in models]
+    x = torch.randn(4, 3, 32, 32).to(memory_format=torch.channels_last)
+    for step in range(4):
+        for bb, opt in zip(models, opts):
+            opt.zero_grad(set_to_none=False)
+            routes = {t: bb.router(t) for t in ("a", "b")}
+            opt.prepare(rows_used(bb.lego_rows(), [r.idx_LK for r in routes.values()]))
+            for t, r in routes.items():
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                    y = bb.forward_pooled(x, t, route=r)
+                y.float().square().mean().backward()
+            opt.step()
+    for opt in opts:
+        opt.flush()
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        assert torch.equal(a, b), name
+        assert (a.grad is None) == (b.grad is None) and (a.grad is None or torch.equal(a.grad, b.grad)), name
+        if "momentum_buffer" in opts[0].state[a]:
+            assert torch.equal(opts[0].state[a]["momentum_buffer"], opts[1].state[b]["momentum_buffer"]), name
