@@ -176,17 +176,12 @@ def memory_order(t: Tensor) -> tuple[int, ...] | None:
     return perm if t.permute(perm).is_contiguous() else None
 
 
-def _is_channels_last(t: Tensor) -> bool:
-    """A 4-D tensor laid out channels_last and not also contiguous (the layouts differ)."""
-    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
-
-
 def _plan(full: Tensor, rows: Index | None, cols: Index | None) -> _Plan:
     """Flat view + index that selects ``rows`` (dim 0) and/or ``cols`` (dim 1) of ``full``, in its
     memory order (channels_last: ``[O, kh, kw, I]``, in-channels innermost)."""
     if rows is None and cols is None:
         raise ValueError("nothing to select: rows and cols are both None")
-    cl = _is_channels_last(full)
+    cl = memory_order(full) == (0, 2, 3, 1)  # (a 1x1 weight's two layouts are one: contiguous)
     perm = (0, 2, 3, 1) if cl else tuple(range(full.dim()))
     shape = full.shape
     lead = shape[2:] if cl else ()  # dims between rows and columns in memory order

@@ -106,14 +106,6 @@ def row_runs(mask_R: np.ndarray) -> list[tuple[int, int]]:
     return list(zip(np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist()))
 
 
-def flat(t: Tensor) -> Tensor:
-    """A dense ``t`` as a 1-D view of its memory (elementwise kernels then never re-lay it out)."""
-    perm = memory_order(t)
-    if perm is None:
-        raise ValueError(f"a tensor with strides {t.stride()} is not dense in memory")
-    return t.permute(perm).view(-1)
-
-
 def _lanes(t: Tensor, dim: int) -> Tensor:
     """A dense ``t`` as a contiguous ``[outer, t.shape[dim], inner]`` view in memory order."""
     perm = memory_order(t)
@@ -122,6 +114,11 @@ def _lanes(t: Tensor, dim: int) -> Tensor:
     at = perm.index(dim)
     mem = t.permute(perm)
     return mem.view(math.prod(mem.shape[:at]), t.shape[dim], math.prod(mem.shape[at + 1:]))
+
+
+def flat(t: Tensor) -> Tensor:
+    """A dense ``t`` as a 1-D view of its memory (elementwise kernels then never re-lay it out)."""
+    return _lanes(t, 0).view(-1)
 
 
 def _views(t: Tensor, runs: list[tuple[int, int]], dim: int = 0) -> list[Tensor]:
