@@ -44,11 +44,12 @@ def test_written_regions_are_the_used_rows_and_give_the_full_norm():
     width = conv1.shape[0] // 16
     assert [g.numel() for g in rows] == [width * conv1[0].numel()] * 2  # one memory run per used lego
     assert conv1.grad[:width].abs().sum() == 0 and conv1.grad[width:2 * width].abs().sum() > 0
-    conv2 = backbone.layer1[0].conv2.weight  # columns: 16 legos of width 4; legos 1 and 5 used (1/8)
-    cols = [g for g in regions if not g.is_contiguous()
-            and conv2.grad.data_ptr() <= g.data_ptr() < conv2.grad.data_ptr() + conv2.grad.nbytes]
-    assert [g.shape for g in cols] == [(conv2.shape[0], width * 9)] * 2
-    assert conv2.grad[:, :width].abs().sum() == 0 and cols[0].abs().sum() > 0
+    conv2 = backbone.layer1[0].conv2.weight  # in-channels: 16 legos of width 4 stored lego-major; 1 and 5 used
+    assert conv2.shape == (16, conv2.shape[1], 9 * width)
+    mine = [g for g in regions if conv2.grad.data_ptr() <= g.data_ptr() < conv2.grad.data_ptr() + conv2.grad.nbytes]
+    assert [g.data_ptr() for g in mine] == [conv2.grad[1].data_ptr(), conv2.grad[5].data_ptr()]  # one block each
+    assert all(g.is_contiguous() and g.numel() == conv2[0].numel() for g in mine)
+    assert conv2.grad[0].abs().sum() == 0 and mine[0].abs().sum() > 0
     written, stored = sum(g.numel() for g in regions), sum(g.numel() for g in full)
     assert written < 0.35 * stored  # the unused legos' rows and columns are not visited
 

@@ -2,7 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gppf.lego.layers import LegoBatchNorm2d, LegoConv2d, LegoIndex, LegoLinear, lego_gather
+from gppf.lego.layers import (LegoBatchNorm2d, LegoConv2d, LegoIndex, LegoLinear, from_lego_major, lego_gather,
+                              to_lego_major)
 from gppf.lego.router import lego_channels
 
 
@@ -73,8 +74,12 @@ def _selection(kind: str, blocks: bool, shape: tuple[int, ...]):
     return rows, cols
 
 
-def _reference_conv(x, weight, *, out_idx, in_idx, stride, padding, dtype, channels_last):
-    """Gather with plain autograd, then ``F.conv2d`` (keeps the gathered weight for its backward)."""
+def _reference_conv(x, weight, *, out_idx, in_idx, stride, padding, dtype, channels_last, plan=None):
+    """Gather with plain autograd, then ``F.conv2d`` (keeps the gathered weight for its backward); a
+    lego-major weight (``plan``) is first turned into its ``[O, I, kh, kw]`` form by plain autograd ops."""
+    if plan is not None:
+        o, _, kh, kw = plan.out_shape
+        weight = from_lego_major(weight, (o, weight.shape[0] * plan.width, kh, kw))
     w = _reference_gather(weight, out_idx, in_idx, dtype=dtype, channels_last=channels_last)
     return F.conv2d(x, w, None, stride, padding)
 
@@ -120,10 +125,11 @@ def test_routed_conv_equals_gather_then_conv(kind, blocks, autocast, channels_la
 
 @pytest.mark.parametrize("recompute", [True, pytest.param(False, marks=pytest.mark.xfail(strict=True))],
                          ids=["routed_conv2d", "gather_then_conv"])
-def test_routed_conv_keeps_no_gathered_weight_for_backward(monkeypatch, recompute):
+@pytest.mark.parametrize("in_legos", [None, 4], ids=["stored_OIHW", "lego_major"])
+def test_routed_conv_keeps_no_gathered_weight_for_backward(monkeypatch, recompute, in_legos):
     """Until its backward, a routed convolution holds its input only (as a dense conv does), not the
     gathered weight: the tensors autograd saves for it weigh what the dense twin's do."""
-    conv = LegoConv2d(in_channels=64, out_channels=64, kernel_size=3, padding=1)
+    conv = LegoConv2d(in_channels=64, out_channels=64, kernel_size=3, padding=1, in_legos=in_legos)
     idx = LegoIndex(torch.tensor([0, 2]), 16)
     x = torch.randn(2, 32, 4, 4, requires_grad=True)
     dense_w = torch.nn.Parameter(torch.randn(32, 32, 3, 3))
@@ -284,3 +290,93 @@ def test_backbone_gradients_match_index_select(monkeypatch, name, kw):
     assert new.keys() == old.keys()
     for key in new:
         torch.testing.assert_close(new[key], old[key], rtol=0, atol=1e-6, msg=key)
+
+
+# --- lego-major storage of in-channel legos (LegoConv2d(in_legos=N)) ---------------------------------
+
+@pytest.mark.parametrize("rows", [None, [2, 0]], ids=["all_rows", "row_legos"])
+@pytest.mark.parametrize("legos_used", [[3, 0], [1, 2, 3]], ids=["apart_unsorted", "one_run"])
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+@pytest.mark.parametrize("kernel", [1, 3])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])
+def test_lego_major_conv_equals_conv_of_its_dense_weight(autocast, channels_last, kernel, bias, legos_used, rows):
+    """``in_legos=N`` stores ``[N, O, kh * kw * w]``; the routed conv (in-channel legos, optionally also
+    row legos) is bit-identical (outputs, input gradient, weight gradient over two backward passes) to
+    index_select + conv of the dense weight, and only the used (lego, row) blocks get gradient."""
+    torch.manual_seed(0)
+    conv = LegoConv2d(in_channels=16, out_channels=6, kernel_size=kernel, padding=kernel // 2, bias=bias, in_legos=4)
+    assert conv.weight.shape == (4, 6, kernel * kernel * 4) and conv.weight.is_contiguous()
+    dense = conv.dense_weight().detach()
+    assert dense.shape == (6, 16, kernel, kernel)
+    assert torch.equal(to_lego_major(dense, 4), conv.weight.detach())
+    ref = torch.nn.Conv2d(16, 6, kernel, padding=kernel // 2, bias=bias)
+    with torch.no_grad():
+        ref.weight.copy_(dense)
+        if bias:
+            torch.nn.init.normal_(conv.bias), ref.bias.copy_(conv.bias)
+    idx = LegoIndex(torch.tensor(legos_used), 4)
+    out_idx = None if rows is None else LegoIndex(torch.tensor(rows), 2)
+    row_ch = torch.arange(6) if rows is None else out_idx.channels()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, 4 * len(legos_used), 5, 5).to(memory_format=fmt).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    for _ in range(2):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = conv(x, in_idx=idx, out_idx=out_idx)
+            bias_ref = None if not bias else ref.bias.index_select(0, row_ch)
+            y_ref = F.conv2d(x_ref, ref.weight.index_select(0, row_ch).index_select(1, idx.channels()), bias_ref, 1,
+                             kernel // 2)
+        g = torch.randn(y.shape)
+        (y.float() * g).sum().backward()
+        (y_ref.float() * g).sum().backward()
+    assert torch.equal(y, y_ref)
+    assert torch.equal(x.grad, x_ref.grad)
+    assert torch.equal(conv.weight.grad, to_lego_major(ref.weight.grad, 4))
+    unused = sorted(set(range(4)) - set(legos_used))
+    assert conv.weight.grad[unused].abs().sum() == 0 and conv.weight.grad[legos_used].abs().sum() > 0
+    if rows is not None:  # row lego 1 (rows 2, 3) unused
+        assert conv.weight.grad[:, 2:4].abs().sum() == 0 and conv.weight.grad[legos_used][:, 4:].abs().sum() > 0
+    if bias:
+        assert torch.equal(conv.bias.grad, ref.bias.grad)
+
+
+@pytest.mark.parametrize("cast", [None, torch.bfloat16], ids=["fp32", "bf16"])
+def test_lego_major_gather_by_index_select_equals_host_runs(cast):
+    """The device path (one ``index_select`` / ``index_add_``, no host sync) equals the host's block copies."""
+    from gppf.lego.layers import _lego_major_plan, _LegoMajorPlan
+
+    torch.manual_seed(0)
+    stored = torch.randn(5, 6, 3 * 3 * 2)
+    rows = LegoIndex(torch.tensor([2, 0]), 2)
+    host = _lego_major_plan(stored, LegoIndex(torch.tensor([4, 1, 2]), 2), rows, (6, 10, 3, 3))
+    # (lego run, row run) pairs: (first in the result, first stored, count)
+    assert host.runs == [((0, 4, 1), (0, 4, 2)), ((0, 4, 1), (2, 0, 2)), ((1, 1, 2), (0, 4, 2)), ((1, 1, 2), (2, 0, 2))]
+    device = _LegoMajorPlan(host.idx_K, host.rows, None, host.out_shape, host.width, host.stored_rows)
+    for cl in (False, True):
+        a = host.gather(stored, dtype=cast, channels_last=cl)
+        b = device.gather(stored, dtype=cast, channels_last=cl)
+        assert torch.equal(a, b) and a.stride() == b.stride() and a.shape == (4, 6, 3, 3)
+        dense = from_lego_major(stored, (6, 10, 3, 3))
+        ref = dense.index_select(0, rows.channels()).index_select(1, torch.tensor([8, 9, 2, 3, 4, 5]))
+        assert torch.equal(a, ref.to(a.dtype))
+    grads = [torch.zeros_like(stored), torch.zeros_like(stored)]
+    g = torch.randn(4, 6, 3, 3).to(cast or torch.float32)
+    host.accumulate(grads[0], g), device.accumulate(grads[1], g)
+    assert torch.equal(grads[0], grads[1]) and grads[0][[0, 3]].abs().sum() == 0 and grads[0][:, 2:4].abs().sum() == 0
+    assert grads[0][[1, 2, 4]][:, [0, 1, 4, 5]].abs().min() > 0
+
+
+def test_lego_major_conv_loads_either_state_dict_form_and_refuses_channel_indices():
+    torch.manual_seed(0)
+    plain = LegoConv2d(in_channels=8, out_channels=3, kernel_size=3, padding=1)
+    major = LegoConv2d(in_channels=8, out_channels=3, kernel_size=3, padding=1, in_legos=4)
+    major.load_state_dict(plain.state_dict())  # an [O, I, kh, kw] checkpoint (before lego-major storage)
+    assert torch.equal(major.dense_weight(), plain.weight)
+    twin = LegoConv2d(in_channels=8, out_channels=3, kernel_size=3, padding=1, in_legos=4)
+    twin.load_state_dict(major.state_dict())
+    assert torch.equal(twin.weight, major.weight)
+    x = torch.randn(1, 8, 4, 4)
+    torch.testing.assert_close(major(x), F.conv2d(x, plain.weight, padding=1), rtol=0, atol=0)  # no route: dense
+    with pytest.raises(ValueError, match="whole in-channel legos"):
+        major(x[:, :4], in_idx=LegoIndex(torch.tensor([0, 1]), 2).channels())

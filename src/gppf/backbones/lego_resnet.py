@@ -45,19 +45,31 @@ class _LegoBlock(nn.Module):
 
     def lego_rows(self, point: int) -> list[LegoRows]:
         """Routed parameters: conv ``i`` and BN ``i`` rows are legos of routing point ``point + i - 1``;
-        the columns (in-channels) of the last conv, whose out-channels are the dense residual stream,
-        are legos of the last routing point. (Bottleneck ``conv2`` is routed on both sides: its rows
-        are declared.)"""
+        the in-channels of conv ``i > 1`` are legos of point ``point + i - 2``. A conv whose in-channels
+        are legos is stored lego-major when ``N > k`` (``LegoConv2d(in_legos=N)``, one row per in-channel
+        lego): its in-channel legos are declared (the bottleneck ``conv2``, routed on both sides, is then
+        updated on all rows of the legos it reads, which is exact). Otherwise the last conv declares its
+        columns and the bottleneck ``conv2`` its rows."""
         out = []
-        for i in range(1, self.route_points + 1):
-            conv, bn = getattr(self, f"conv{i}"), getattr(self, f"bn{i}")
-            params = [conv.weight, conv.bias] + ([bn.weight, bn.bias] if bn.affine else [])
-            out += [LegoRows(param=p, point=point + i - 1, width=self.lego_width, legos=self.legos)
-                    for p in params if p is not None]
-        last = getattr(self, f"conv{self.route_points + 1}")
-        out.append(LegoRows(param=last.weight, point=point + self.route_points - 1, width=self.lego_width,
-                            legos=self.legos, dim=1))
+        for i in range(1, self.route_points + 2):
+            conv = getattr(self, f"conv{i}")
+            if conv.in_legos is not None:
+                out.append(LegoRows(param=conv.weight, point=point + i - 2, width=1, legos=self.legos))
+            elif i > self.route_points:  # the last conv: its in-channels (columns) are legos
+                out.append(LegoRows(param=conv.weight, point=point + i - 2, width=self.lego_width,
+                                    legos=self.legos, dim=1))
+            else:
+                out.append(LegoRows(param=conv.weight, point=point + i - 1, width=self.lego_width, legos=self.legos))
+            if i <= self.route_points:
+                bn = getattr(self, f"bn{i}")
+                params = [conv.bias] + ([bn.weight, bn.bias] if bn.affine else [])
+                out += [LegoRows(param=p, point=point + i - 1, width=self.lego_width, legos=self.legos)
+                        for p in params if p is not None]
         return out
+
+    def _in_legos(self) -> int | None:
+        """``in_legos`` of the last conv: lego-major storage wherever a route selects a subset."""
+        return self.legos if self.legos > self.active else None
 
 
 class LegoBasicBlock(_LegoBlock):
@@ -75,7 +87,8 @@ class LegoBasicBlock(_LegoBlock):
         self.conv1 = LegoConv2d(in_channels=inplanes, out_channels=mid, kernel_size=3, stride=stride,
                                 padding=1, active_out_channels=planes)
         self.bn1 = LegoBatchNorm2d(mid)
-        self.conv2 = LegoConv2d(in_channels=mid, out_channels=planes, kernel_size=3, padding=1)
+        self.conv2 = LegoConv2d(in_channels=mid, out_channels=planes, kernel_size=3, padding=1,
+                                in_legos=self._in_legos())
         self.bn2 = nn.BatchNorm2d(planes)
         self.downsample = _downsample(inplanes, planes, stride)
 
@@ -103,9 +116,9 @@ class LegoBottleneck(_LegoBlock):
                                 active_out_channels=planes)
         self.bn1 = LegoBatchNorm2d(mid)
         self.conv2 = LegoConv2d(in_channels=mid, out_channels=mid, kernel_size=3, stride=stride,
-                                padding=1, active_out_channels=planes)
+                                padding=1, active_out_channels=planes, in_legos=self._in_legos())
         self.bn2 = LegoBatchNorm2d(mid)
-        self.conv3 = LegoConv2d(in_channels=mid, out_channels=out, kernel_size=1)
+        self.conv3 = LegoConv2d(in_channels=mid, out_channels=out, kernel_size=1, in_legos=self._in_legos())
         self.bn3 = nn.BatchNorm2d(out)
         self.downsample = _downsample(inplanes, out, stride)
 

@@ -269,6 +269,89 @@ def _block_plan(shape: torch.Size, rows: Index | None, cols: Index | None, devic
     return _BlockPlan(row_runs, col_runs, out_shape)
 
 
+def to_lego_major(weight: Tensor, legos: int) -> Tensor:
+    """A ``[O, N * w, kh, kw]`` convolution weight as its lego-major storage ``[N, O, kh * kw * w]``
+    (contiguous: in-channel lego ``l`` is the block ``[O, kh, kw, w]`` at ``[l]``)."""
+    o, c, kh, kw = weight.shape
+    if c % legos:
+        raise ValueError(f"a weight with {c} in-channels is not made of {legos} legos")
+    return weight.unflatten(1, (legos, c // legos)).permute(1, 0, 3, 4, 2).contiguous().view(legos, o, -1)
+
+
+def from_lego_major(stored: Tensor, shape: tuple[int, int, int, int]) -> Tensor:
+    """The ``[O, N * w, kh, kw]`` weight of a lego-major storage (a copy; differentiable)."""
+    o, c, kh, kw = shape
+    legos = stored.shape[0]
+    return stored.view(legos, o, kh, kw, c // legos).permute(1, 0, 4, 2, 3).reshape(shape)
+
+
+@dataclass(frozen=True)
+class _LegoMajorPlan:
+    """A gather of in-channel legos (and optionally rows) from a lego-major weight
+    (``LegoConv2d(in_legos=N)``, stored ``[N, O, kh * kw * w]``) into the ``[R, k * w, kh, kw]`` weight a
+    convolution reads.
+
+    Each stored lego is one contiguous block (its rows contiguous sub-blocks), so a gather reads whole
+    blocks and a channels_last result is written in runs of ``w`` within its own (small) memory: on CPU
+    about 3x faster than reading runs of ``w`` in-channels out of every ``[kh, kw]`` row of all ``N``
+    legos of a channels_last ``[O, kh, kw, N * w]`` weight (``docs/benchmarks.md``). On the host one
+    ``copy_`` per (run of consecutive legos, run of rows); elsewhere one ``index_select`` (no host sync).
+    """
+
+    idx_K: Tensor
+    rows: Tensor | None  # row (out-channel) indices; None: all
+    runs: list[tuple[Run, Run]] | None  # (lego run, row run) pairs (see ``_runs``); None: index_select
+    out_shape: tuple[int, int, int, int]  # [R, k * w, kh, kw]
+    width: int
+    stored_rows: int  # O
+
+    def _blocks(self, t: Tensor) -> Tensor:
+        """``[k, R, kh, kw, w]`` view of a gathered ``[R, k * w, kh, kw]`` tensor (any layout)."""
+        return t.unflatten(1, (-1, self.width)).permute(1, 0, 3, 4, 2)
+
+    def _stored(self, full: Tensor) -> Tensor:
+        return full.view(-1, self.stored_rows, *self.out_shape[2:], self.width)
+
+    def _cells(self) -> Tensor:
+        """Flat ``(lego, row)`` indices into the stored ``[N * O, kh * kw * w]`` (the device path)."""
+        rows = torch.arange(self.stored_rows, device=self.idx_K.device) if self.rows is None else self.rows
+        return (self.idx_K[:, None] * self.stored_rows + rows[None, :]).reshape(-1)
+
+    def gather(self, full: Tensor, *, dtype: torch.dtype | None = None, channels_last: bool = False) -> Tensor:
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        out = torch.empty(self.out_shape, dtype=dtype or full.dtype, device=full.device, memory_format=fmt)
+        dst, src = self._blocks(out), self._stored(full)
+        if self.runs is None:
+            dst.copy_(full.view(-1, full.shape[-1]).index_select(0, self._cells()).view(dst.shape[:2] + src.shape[2:]))
+        for (d, s, n), (dr, sr, nr) in self.runs or []:
+            dst[d:d + n, dr:dr + nr].copy_(src[s:s + n, sr:sr + nr])
+        return out
+
+    def accumulate(self, full_grad: Tensor, grad: Tensor) -> None:
+        src, dst = self._blocks(grad), self._stored(full_grad)
+        if self.runs is None:
+            flat_grad = full_grad.view(-1, full_grad.shape[-1])
+            flat_grad.index_add_(0, self._cells(), src.reshape(-1, flat_grad.shape[-1]).to(flat_grad.dtype))
+        for (d, s, n), (dr, sr, nr) in self.runs or []:
+            dst[s:s + n, sr:sr + nr].add_(src[d:d + n, dr:dr + nr])
+
+
+def _lego_major_plan(stored: Tensor, cols: LegoIndex, rows: Index | None,
+                     shape: tuple[int, int, int, int]) -> _LegoMajorPlan:
+    """The plan for in-channel legos ``cols`` and rows ``rows`` of a lego-major weight of ``shape``."""
+    o, _, kh, kw = shape
+    row_ch = None if rows is None else _channels(rows)
+    runs = None
+    if stored.device.type == "cpu" and not isinstance(rows, Tensor):
+        row_runs = _runs(rows, o)
+        runs = [(c, r) for c in _runs(LegoIndex(cols.idx_K, 1), stored.shape[0]) for r in row_runs]
+    n_rows = o if row_ch is None else row_ch.numel()
+    return _LegoMajorPlan(cols.idx_K, row_ch, runs, (n_rows, cols.idx_K.numel() * cols.width, kh, kw), cols.width, o)
+
+
+Plan = Union[_Plan, _BlockPlan, _LegoMajorPlan]
+
+
 class _GatherIntoGrad(torch.autograd.Function):
     """Forward: the selected rows/columns. Backward: accumulate into ``param.grad``, return None.
 
@@ -279,7 +362,7 @@ class _GatherIntoGrad(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, param: Tensor, plan: _Plan | _BlockPlan,  # type: ignore[override]
+    def forward(ctx: Any, param: Tensor, plan: Plan,  # type: ignore[override]
                 dtype: torch.dtype | None, channels_last: bool) -> Tensor:
         ctx.param, ctx.plan = param, plan
         return _apply_plan(plan, param, dtype, channels_last)
@@ -297,8 +380,8 @@ class _GatherIntoGrad(torch.autograd.Function):
         return None, None, None, None
 
 
-def _apply_plan(plan: _Plan | _BlockPlan, full: Tensor, dtype: torch.dtype | None, channels_last: bool) -> Tensor:
-    if isinstance(plan, _BlockPlan):
+def _apply_plan(plan: Plan, full: Tensor, dtype: torch.dtype | None, channels_last: bool) -> Tensor:
+    if isinstance(plan, (_BlockPlan, _LegoMajorPlan)):
         return plan.gather(full, dtype=dtype, channels_last=channels_last)
     out = plan.gather(full)
     return out if dtype is None else out.to(dtype)
@@ -324,8 +407,17 @@ def lego_gather(
     """
     if rows is None and cols is None:
         return param
-    plan = _block_plan(param.shape, rows, cols, param.device) or _plan(param, rows, cols)
-    if not (param.is_leaf and param.requires_grad and torch.is_grad_enabled()):
+    return _gather(param, _block_plan(param.shape, rows, cols, param.device) or _plan(param, rows, cols), dtype,
+                   channels_last)
+
+
+def _grad_path(param: Tensor) -> bool:
+    """Whether ``param``'s gradient takes the in-place path (a leaf that needs it, grad mode on)."""
+    return param.is_leaf and param.requires_grad and torch.is_grad_enabled()
+
+
+def _gather(param: Tensor, plan: Plan, dtype: torch.dtype | None, channels_last: bool) -> Tensor:
+    if not _grad_path(param):
         return _apply_plan(plan, param, dtype, channels_last)
     return _GatherIntoGrad.apply(param, plan, dtype, channels_last)
 
@@ -341,7 +433,7 @@ class _RoutedConv(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, param: Tensor, plan: _Plan | _BlockPlan,  # type: ignore[override]
+    def forward(ctx: Any, x: Tensor, param: Tensor, plan: Plan,  # type: ignore[override]
                 channels_last: bool, stride: int, padding: int) -> Tensor:
         weight = _apply_plan(plan, param, None, channels_last)
         ctx.param, ctx.plan, ctx.channels_last, ctx.stride, ctx.padding = param, plan, channels_last, stride, padding
@@ -376,19 +468,22 @@ class _RoutedConv(torch.autograd.Function):
 
 
 def routed_conv2d(x_BCHW: Tensor, weight: Tensor, *, out_idx: Index | None, in_idx: Index | None,
-                  stride: int, padding: int, dtype: torch.dtype | None, channels_last: bool) -> Tensor:
-    """``F.conv2d(x, lego_gather(weight, out_idx, in_idx, ...))`` (no bias).
+                  stride: int, padding: int, dtype: torch.dtype | None, channels_last: bool,
+                  plan: Plan | None = None) -> Tensor:
+    """``F.conv2d(x, lego_gather(weight, out_idx, in_idx, ...))`` (no bias); ``plan``: the gather of a
+    weight not stored ``[O, I, kh, kw]`` (``LegoConv2d(in_legos=...)``), which then replaces the indices.
 
     Without a cast (``dtype`` None) its backward gathers the weight again instead of keeping it
     (``_RoutedConv``): the dense twin reads its weight in place and keeps no copy, so neither does
     this. Under autocast (``dtype`` set) the dense twin keeps its cast weight for the backward, and so
     does this (the gathered weight is that cast; no second gather). Plain gather + conv also where no
     gradient flows into ``weight`` as a lego parameter."""
-    if (dtype is not None or (out_idx is None and in_idx is None) or memory_order(weight) is None
-            or not (weight.is_leaf and weight.requires_grad and torch.is_grad_enabled())):
-        w = lego_gather(weight, out_idx, in_idx, dtype=dtype, channels_last=channels_last)
-        return F.conv2d(x_BCHW, w, None, stride, padding)
-    plan = _block_plan(weight.shape, out_idx, in_idx, weight.device) or _plan(weight, out_idx, in_idx)
+    if plan is None:
+        if out_idx is None and in_idx is None:
+            return F.conv2d(x_BCHW, weight, None, stride, padding)
+        plan = _block_plan(weight.shape, out_idx, in_idx, weight.device) or _plan(weight, out_idx, in_idx)
+    if dtype is not None or memory_order(weight) is None or not _grad_path(weight):
+        return F.conv2d(x_BCHW, _gather(weight, plan, dtype, channels_last), None, stride, padding)
     return _RoutedConv.apply(x_BCHW, weight, plan, channels_last, stride, padding)
 
 
@@ -401,6 +496,14 @@ class LegoConv2d(nn.Module):
 
     ``in_channels`` / ``out_channels`` are full widths (all legos). ``in_idx`` / ``out_idx`` select
     channels (indices or a ``LegoIndex``); ``None`` means the dense (shared) side.
+
+    ``in_legos=N``: the in-channels are ``N`` legos, selected only as whole legos (``in_idx`` a
+    ``LegoIndex`` of width ``in_channels / N``; rows as usual). The weight is then stored
+    *lego-major*, ``[N, O, kh * kw * w]`` (``to_lego_major``), so each lego is one contiguous block:
+    a task's gather, its gradient's accumulation and ``LegoSGD``'s update of the used legos read and
+    write whole blocks instead of a run of ``w`` channels out of every ``[kh, kw]`` row of all ``N``
+    legos. ``dense_weight()`` gives the ``[O, I, kh, kw]`` weight; a state dict stores the lego-major
+    tensor and loads either form.
     """
 
     def __init__(
@@ -413,25 +516,52 @@ class LegoConv2d(nn.Module):
         padding: int = 0,
         bias: bool = False,
         active_out_channels: int | None = None,
+        in_legos: int | None = None,
     ) -> None:
         super().__init__()
-        self.in_channels, self.out_channels = in_channels, out_channels
+        self.in_channels, self.out_channels, self.in_legos = in_channels, out_channels, in_legos
         self.stride, self.padding = stride, padding
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
-        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+        self.dense_shape = (out_channels, in_channels, kernel_size, kernel_size)
+        weight = torch.empty(self.dense_shape)
         # Kaiming fan-out of the *active* sub-network, so a routed net starts like its dense twin.
         fan_out = (active_out_channels or out_channels) * kernel_size * kernel_size
-        nn.init.normal_(self.weight, 0.0, math.sqrt(2.0 / fan_out))
+        nn.init.normal_(weight, 0.0, math.sqrt(2.0 / fan_out))
+        self.weight = nn.Parameter(weight if in_legos is None else to_lego_major(weight, in_legos))
+        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+
+    def dense_weight(self) -> Tensor:
+        """The ``[O, I, kh, kw]`` weight (the parameter itself, or a differentiable copy if lego-major)."""
+        return self.weight if self.in_legos is None else from_lego_major(self.weight, self.dense_shape)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        weight = state_dict.get(prefix + "weight")
+        if self.in_legos is not None and weight is not None and tuple(weight.shape) == self.dense_shape:
+            state_dict[prefix + "weight"] = to_lego_major(weight, self.in_legos)  # an [O, I, kh, kw] weight
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _lego_major_plan(self, in_idx: Index | None, out_idx: Index | None) -> _LegoMajorPlan:
+        legos = self.weight.shape[0]
+        width = self.in_channels // legos
+        if in_idx is None:
+            in_idx = LegoIndex(torch.arange(legos, device=self.weight.device), width)
+        if not isinstance(in_idx, LegoIndex) or in_idx.width != width:
+            raise ValueError(f"a LegoConv2d with in_legos={legos} selects whole in-channel legos only "
+                             f"(in_idx a LegoIndex of width {width}, or None)")
+        return _lego_major_plan(self.weight, in_idx, out_idx, self.dense_shape)
 
     def forward(self, x_BCHW: Tensor, *, in_idx: Index | None = None, out_idx: Index | None = None) -> Tensor:
         dtype = autocast_dtype(x_BCHW)  # gather straight into the compute dtype and layout
         # (channels_last for channels_last inputs: a weight stored so is gathered without transposing;
         # contiguous gathers made the bf16 convolutions slower, r50_6tasks 1.14 -> 1.21)
-        cl = self.weight.shape[-1] > 1 and x_BCHW.is_contiguous(memory_format=torch.channels_last)
+        cl = self.dense_shape[-1] > 1 and x_BCHW.is_contiguous(memory_format=torch.channels_last)
+        if self.in_legos is not None and in_idx is None and out_idx is None:
+            return F.conv2d(x_BCHW, self.dense_weight(), self.bias, self.stride, self.padding)
+        plan = None if self.in_legos is None else self._lego_major_plan(in_idx, out_idx)
         if self.bias is None:
             return routed_conv2d(x_BCHW, self.weight, out_idx=out_idx, in_idx=in_idx, stride=self.stride,
-                                 padding=self.padding, dtype=dtype, channels_last=cl)
-        weight = lego_gather(self.weight, out_idx, in_idx, dtype=dtype, channels_last=cl)
+                                 padding=self.padding, dtype=dtype, channels_last=cl, plan=plan)
+        weight = (lego_gather(self.weight, out_idx, in_idx, dtype=dtype, channels_last=cl) if plan is None
+                  else _gather(self.weight, plan, dtype, cl))
         bias = lego_gather(self.bias, out_idx, dtype=dtype)
         return F.conv2d(x_BCHW, weight, bias, self.stride, self.padding)
 

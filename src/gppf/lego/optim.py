@@ -368,6 +368,10 @@ class LegoSGD(torch.optim.Optimizer):
                 # had its parameter's layout, so a channels_last weight needs a channels_last buffer
                 # (without this, resuming a channels_last run silently updated the wrong elements).
                 buf = self.state[p].get("momentum_buffer") if p in self.state else None
+                if buf is not None and buf.shape != p.shape:
+                    raise ValueError(f"optimizer state: a momentum buffer of shape {tuple(buf.shape)} for a parameter "
+                                     f"of shape {tuple(p.shape)} (saved for another model, or before its lego "
+                                     "weights were stored lego-major: resume with the code that wrote it)")
                 if buf is not None and buf.stride() != p.stride():
                     self.state[p]["momentum_buffer"] = torch.empty_like(p).copy_(buf)
         for cells in self._cells.values():  # the state dict is a fresh dict per parameter: re-link it

@@ -65,16 +65,16 @@ def _resnet_dense_state(backbone: LegoResNet, task: str) -> dict[str, Tensor]:
     state = dict(shared)
     for name, blk in _named_blocks(backbone):
         c1 = next(chans)
-        state[f"{name}.conv1.weight"] = _conv(blk.conv1.weight, c1, None)
+        state[f"{name}.conv1.weight"] = _conv(blk.conv1.dense_weight(), c1, None)
         state.update(_bn_state(f"{name}.bn1", blk.bn1, c1))
         if isinstance(blk, LegoBottleneck):
             c2 = next(chans)
-            state[f"{name}.conv2.weight"] = _conv(blk.conv2.weight, c2, c1)
+            state[f"{name}.conv2.weight"] = _conv(blk.conv2.dense_weight(), c2, c1)
             state.update(_bn_state(f"{name}.bn2", blk.bn2, c2))
-            state[f"{name}.conv3.weight"] = _conv(blk.conv3.weight, None, c2)
+            state[f"{name}.conv3.weight"] = _conv(blk.conv3.dense_weight(), None, c2)
             state.update(_bn_state(f"{name}.bn3", blk.bn3, None))
         else:
-            state[f"{name}.conv2.weight"] = _conv(blk.conv2.weight, None, c1)
+            state[f"{name}.conv2.weight"] = _conv(blk.conv2.dense_weight(), None, c1)
             state.update(_bn_state(f"{name}.bn2", blk.bn2, None))
     return state
 
