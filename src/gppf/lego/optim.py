@@ -171,6 +171,7 @@ class _LazyCells:
         self.dirty_R = np.zeros(self.rows, dtype=bool)  # rows whose .grad may be non-zero (since zero_grad)
         self.stale = False  # some row missed a step and is not caught up yet
         self._last_runs: tuple[bytes, list[tuple[int, int]]] = (b"", [])
+        self._last_views: dict[int, list[Tensor]] = {}  # data_ptr -> views of the last runs
 
     def runs(self, mask_R: np.ndarray) -> list[tuple[int, int]]:
         """``row_runs(mask_R)``, remembered for the last mask (a step asks for the same rows in
@@ -178,6 +179,7 @@ class _LazyCells:
         key = mask_R.tobytes()
         if key != self._last_runs[0]:
             self._last_runs = (key, row_runs(mask_R))
+            self._last_views = {}
         return self._last_runs[1]
 
     def catch_up(self, mask_R: np.ndarray) -> None:
@@ -208,8 +210,15 @@ class _LazyCells:
         return self.dim == 1 and not self.stale and self.used_R.mean() > _STRIDED_MAX_FRACTION
 
     def views(self, t: Tensor, runs: list[tuple[int, int]]) -> list[Tensor]:
-        """The runs of ``t`` (laid out like the parameter) along this parameter's lego dim."""
-        return _views(t, runs, self.dim)
+        """The runs of ``t`` (laid out like the parameter) along this parameter's lego dim; those of the
+        last ``runs()`` are remembered per tensor (the views keep its memory alive, so an address names
+        one tensor: parameter, gradient or momentum buffer)."""
+        if runs is not self._last_runs[1]:
+            return _views(t, runs, self.dim)
+        out = self._last_views.get(t.data_ptr())
+        if out is None:
+            out = self._last_views[t.data_ptr()] = _views(t, runs, self.dim)
+        return out
 
     def prepare(self, mask_R: np.ndarray | None) -> None:
         """The coming step uses these rows (``None``: all): bring them up to date and remember them."""
@@ -237,6 +246,7 @@ class _LazyCells:
         if grad is not None:
             if set_to_none:
                 self.param.grad = None
+                self._last_views = {}  # (they would keep the gradient's memory)
             elif not _same_layout(self.param, grad) or self.dirty_R.all():
                 grad.zero_()
             elif self.dirty_R.any():
