@@ -28,6 +28,10 @@ under autocast the accumulated gradient keeps the parameter's dtype. Consequence
   accumulation copy runs of memory in the same order instead of transposing every element (a
   transposing copy with a cast cost 2-3x a plain one on CPU). ``gppf.lego.optim.LegoSGD`` updates such
   a weight on flat views of its memory.
+* ``LegoConv2d(in_legos=N)`` (a conv whose in-channels are legos) stores its weight lego-major,
+  ``[N, O, kh * kw * w]``: reading ``w`` in-channels out of every ``[kh, kw]`` row of a channels_last
+  weight is bound by memory latency on CPU (3-4x the cast of a dense weight of the same size); whole
+  lego blocks are read at the speed of a plain copy, and ``LegoSGD`` sees one row per lego.
 
 Which parameters are lego parameters is declared, not registered: a model lists its routed
 parameters as :class:`LegoRows` (parameter, routing point, lego width, number of legos, copies, and
