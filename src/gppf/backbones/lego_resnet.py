@@ -68,7 +68,7 @@ class _LegoBlock(nn.Module):
         return out
 
     def _in_legos(self) -> int | None:
-        """``in_legos`` of the last conv: lego-major storage wherever a route selects a subset."""
+        """``in_legos`` of a conv whose in-channels are legos: lego-major wherever a route selects a subset."""
         return self.legos if self.legos > self.active else None
 
 

@@ -326,7 +326,8 @@ class _LegoMajorPlan:
         out = torch.empty(self.out_shape, dtype=dtype or full.dtype, device=full.device, memory_format=fmt)
         dst, src = self._blocks(out), self._stored(full)
         if self.runs is None:
-            dst.copy_(full.view(-1, full.shape[-1]).index_select(0, self._cells()).view(dst.shape[:2] + src.shape[2:]))
+            picked = full.view(-1, full.shape[-1]).index_select(0, self._cells())
+            dst.copy_(picked.view(dst.shape[:2] + src.shape[2:]))
         for (d, s, n), (dr, sr, nr) in self.runs or []:
             dst[d:d + n, dr:dr + nr].copy_(src[s:s + n, sr:sr + nr])
         return out
