@@ -84,7 +84,15 @@ def test_bench_lego_quick_json_every_regime(capsys):
     assert result["regimes"]["r50_6tasks"]["config"]["task_names"] == default_recipe_tasks()
     assert result["regimes"]["r50_1task"]["config"]["tasks"] == 1
     small = result["regimes"]["r18_32px"]
-    assert set(small["median_step_s"]) == {"hard_sharing", "learned", "fixed"}
+    assert set(small["median_step_s"]) == {"hard_sharing", "learned", "fixed", "shared_route"}
+    assert small["shared_route_vs_hard_sharing_step"] == pytest.approx(
+        small["median_step_s"]["shared_route"] / small["median_step_s"]["hard_sharing"])
+    upd = small["updated_parameters"]
+    # one shared route updates what hard sharing updates (the same active width); two distinct routes
+    # (quick: N=4, k=2, legos {0, 1} and {2, 3}) update every lego, twice the lego parameters
+    assert upd["shared_route"] == pytest.approx(upd["hard_sharing"], rel=0.02)
+    assert upd["fixed"] > 1.5 * upd["shared_route"]
+    assert upd["hard_sharing"] <= small["parameters"]["hard_sharing"]
     assert small["learned_vs_hard_sharing_step"] == pytest.approx(
         small["median_step_s"]["learned"] / small["median_step_s"]["hard_sharing"])
     assert small["skipped_steps"] == 0 and small["config"]["tasks"] >= 2

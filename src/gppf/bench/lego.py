@@ -11,7 +11,10 @@
 * ``r18_32px``: GPPF-R18 at 32 px, batch 64 per task, two tasks, the engine's whole ``SIMTStep``
   (see ``gppf.bench.small``): learned routes (with gates) and fixed routes at N=8, k=2 against hard
   sharing (N=k=2: the dense network of the same active width). At small resolution the convolutions
-  are cheap, so every per-step pass over the stored parameters shows.
+  are cheap, so every per-step pass over the stored parameters shows. A fourth variant runs both
+  tasks on one shared fixed route of the N=8 network (``shared_route_vs_hard_sharing_step``): the
+  routing machinery at hard sharing's parameter volume, so the two figures separate what routing
+  costs from what the larger union of distinct routes costs (``updated_parameters`` per step).
 
 Ratios (goals are upper bounds): ``<regime>/routed_vs_dense_step`` (median step time, routed N large /
 best dense), ``<regime>/routed_n_large_vs_small_step`` (routed N large / routed N small, same k),

@@ -10,7 +10,15 @@ fixed random batch each (data loading excluded), stepped interleaved:
   network of the same active width (the dense fast path, no gathers, no gates);
 * ``learned``: ``N = legos``, ``k = active``, learned routes (``topk_st``: straight-through gates and
   router losses), the default estimator of the engine;
-* ``fixed``: ``N = legos``, ``k = active``, a distinct fixed route per task (no gates).
+* ``fixed``: ``N = legos``, ``k = active``, a distinct fixed route per task (no gates);
+* ``shared_route``: ``N = legos``, ``k = active``, one fixed route shared by every task: the lego
+  machinery (gathers, in-place gradient accumulation, row-restricted optimizer passes) at the
+  parameter volume of hard sharing. Distinct routes use more legos per step (two tasks on disjoint
+  routes: twice the parameters to gather, accumulate, update and zero); this variant separates what
+  routing itself costs from what owning more parameters costs.
+
+``updated_parameters`` is the median number of parameter elements ``LegoSGD`` updated per step (the
+union of the step's routes plus every dense parameter).
 
 ``grad_pass_s`` times the per-step gradient passes alone on each variant's gradients after a real
 step's backward: ``fused_written`` is what the engine does now (one fused norm over the written
@@ -34,9 +42,9 @@ from gppf.engine.distributed import DistInfo, GradSync
 from gppf.engine.model import MultiTaskModel
 from gppf.engine.simt import SIMTStep, total_norm, written_grads
 from gppf.engine.weighting import StaticWeighting
-from gppf.lego.optim import LegoSGD
+from gppf.lego.optim import LegoSGD, RowMasks
 
-VARIANTS = ("hard_sharing", "learned", "fixed")
+VARIANTS = ("hard_sharing", "learned", "fixed", "shared_route")
 SMALL_DEFAULTS: dict[str, Any] = dict(tasks=2, batch=64, image_size=32, legos=8, active=2, classes=10)
 SMALL_QUICK: dict[str, Any] = dict(tasks=2, batch=4, image_size=32, legos=4, active=2, classes=10)
 SGD_KERNELS: dict[str, dict[str, bool | None]] = {  # LegoSGD's kernel; "default": torch's choice (the fused kernel is what the trainer uses)
@@ -77,7 +85,7 @@ def build_model(variant: str, *, tasks: list[str], legos: int, active: int, clas
     # searches with every lego active, N/k x the compute, for its first steps only)
     backbone = gppf.create_backbone("gppf_r18", tasks=tasks, legos=n, active=active, router={"mode": "topk_st"})
     layers = backbone.router.num_layers
-    if variant == "hard_sharing":
+    if variant in ("hard_sharing", "shared_route"):
         for t in tasks:
             backbone.router.fix_route(t, [list(range(active))] * layers)
     elif variant == "fixed":
@@ -90,17 +98,36 @@ def build_model(variant: str, *, tasks: list[str], legos: int, active: int, clas
 
 
 class TimedLegoSGD(LegoSGD):
-    """The trainer's ``LegoSGD``, recording the time of its ``step`` and ``zero_grad``; ``frozen``: both
-    do nothing (gradients and the prepared rows stay, for probing the gradient passes)."""
+    """The trainer's ``LegoSGD``, recording the time of its ``step`` and ``zero_grad`` and the parameter
+    elements each step updates; ``frozen``: both do nothing (gradients and the prepared rows stay, for
+    probing the gradient passes)."""
 
     def __init__(self, *args: Any, clock: Callable[[], float], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.clock, self.frozen = clock, False
         self.times: dict[str, list[float]] = {"step": [], "zero_grad": []}
+        self.updated: list[int] = []
+        self._prepared_elements = 0
+
+    def prepare(self, used: RowMasks) -> None:
+        super().prepare(used)
+        lazy = {id(p) for p in self.lazy_params}
+        self._prepared_elements += sum(p.numel() if m is None else p.numel() * int(m.sum()) // m.size
+                                       for p, m in used.items() if id(p) in lazy)
+
+    def updated_elements(self) -> int:
+        """Elements the coming ``step()`` updates: the prepared lego rows and every other parameter
+        with a gradient (an upper bound for lego rows prepared by several calls)."""
+        lazy = {id(p) for p in self.lazy_params}
+        dense = sum(p.numel() for g in self.param_groups for p in g["params"]
+                    if id(p) not in lazy and p.grad is not None)
+        return dense + self._prepared_elements
 
     def step(self, closure: Any = None) -> Any:  # type: ignore[override]
         if self.frozen:
             return None
+        self.updated.append(self.updated_elements())
+        self._prepared_elements = 0
         t0 = self.clock()
         out = super().step(closure)
         self.times["step"].append(self.clock() - t0)
@@ -180,7 +207,7 @@ def grad_pass_times(stepper: Stepper, *, repeats: int, clock: Callable[[], float
 def run_small_regime(*, tasks: int, batch: int, image_size: int, legos: int, active: int, classes: int,
                      repeats: int, warmup: int, sgd: str = "fused", clock: str = "wall",
                      device: str = "cpu", amp_dtype: torch.dtype | None = torch.bfloat16) -> dict[str, Any]:
-    """Interleaved whole-SIMT-step times, step memory and gradient-pass times of the three variants."""
+    """Interleaved whole-SIMT-step times, step memory and gradient-pass times of the variants."""
     steppers = {v: Stepper(build_step(v, tasks=tasks, batch=batch, image_size=image_size, legos=legos,
                                       active=active, classes=classes, sgd=sgd, clock=clock, device=device,
                                       amp_dtype=amp_dtype))
@@ -188,12 +215,14 @@ def run_small_regime(*, tasks: int, batch: int, image_size: int, legos: int, act
     samples = interleaved_times(steppers, repeats=repeats, warmup=warmup, clock=CLOCKS[clock])
     med = medians(samples)
     optimizer_s = {v: s.step_fn.optimizer.medians(repeats) for v, s in steppers.items()}
+    updated = {v: int(statistics.median(s.step_fn.optimizer.updated[-repeats:])) for v, s in steppers.items()}
     mem = {v: peak_alloc_bytes(s, device=device) for v, s in steppers.items()}
     passes = {v: grad_pass_times(s, repeats=max(3, repeats), clock=CLOCKS[clock]) for v, s in steppers.items()}
     params = {v: sum(p.numel() for p in s.step_fn.model.parameters()) for v, s in steppers.items()}
     return {
         "learned_vs_hard_sharing_step": ratio(med["learned"], med["hard_sharing"]),
         "fixed_vs_hard_sharing_step": ratio(med["fixed"], med["hard_sharing"]),
+        "shared_route_vs_hard_sharing_step": ratio(med["shared_route"], med["hard_sharing"]),
         "learned_vs_hard_sharing_act_mem": ratio(mem["learned"], mem["hard_sharing"]),
         "median_step_s": med,
         "step_samples_s": samples,
@@ -201,6 +230,7 @@ def run_small_regime(*, tasks: int, batch: int, image_size: int, legos: int, act
         "median_optimizer_s": optimizer_s,
         "grad_pass_s": passes,
         "parameters": params,
+        "updated_parameters": updated,
         "skipped_steps": sum(s.skipped for s in steppers.values()),
         "config": dict(backbone="gppf_r18", width_mult=1.0, tasks=tasks, batch_per_task=batch,
                        image_size=image_size, legos=legos, active=active, classes=classes, repeats=repeats,
