@@ -54,7 +54,10 @@ GOALS: dict[str, dict[str, float]] = {
     "r18_32px": {"learned_vs_hard_sharing_step": 1.05, "fixed_vs_hard_sharing_step": 1.05,
                  "learned_vs_hard_sharing_act_mem": 1.10},
 }
-COMMON: dict[str, Any] = dict(repeats=5, warmup=2, threads=1)
+COMMON: dict[str, Any] = dict(repeats=None, warmup=2, threads=1)
+# timed rounds per regime unless --repeats says: more where a step is short (an R18 32 px step takes
+# ~0.4 s, an R50 one 3-6 s), as one shared machine's step times spread by +-10%
+REPEATS: dict[str, int] = {"r50_1task": 5, "r50_6tasks": 5, "r18_32px": 15}
 R50: dict[str, dict[str, Any]] = {
     "r50_1task": dict(tasks=1, batch=16, image_size=224, legos_small=4, legos_large=16, active=4),
     "r50_6tasks": dict(tasks=6, batch=4, image_size=224, legos_small=4, legos_large=16, active=4),
@@ -89,16 +92,18 @@ def run_regime(name: str, *, quick: bool, repeats: int, warmup: int, sgd: str, l
                           device=device, amp_dtype=amp_dtype)
 
 
-def run_lego_bench(*, regimes: list[str], quick: bool, repeats: int, warmup: int, threads: int | None,
+def run_lego_bench(*, regimes: list[str], quick: bool, repeats: int | None, warmup: int, threads: int | None,
                    sgd: str = "fused", lazy: bool = True, clock: str = "cpu",
                    overrides: dict[str, Any] | None = None, device: str = "cpu",
                    amp: str = "auto") -> dict[str, Any]:
-    """Measure the given regimes; a JSON-ready dict with the flat ratios, per-regime details and goals."""
+    """Measure the given regimes (``repeats`` None: each regime's ``REPEATS``); a JSON-ready dict with the
+    flat ratios, per-regime details and goals."""
     results: dict[str, Any] = {}
     amp_dtype = resolve_amp(amp, torch.device(device))
     with fixed_threads(threads) as n_threads:
         for name in regimes:
-            results[name] = run_regime(name, quick=quick, repeats=repeats, warmup=warmup, sgd=sgd, lazy=lazy,
+            results[name] = run_regime(name, quick=quick, repeats=repeats or REPEATS[name], warmup=warmup, sgd=sgd,
+                                       lazy=lazy,
                                        clock=clock, overrides=overrides or {}, device=device,
                                        amp_dtype=amp_dtype)
     goals = goal_keys(regimes)
@@ -109,7 +114,8 @@ def run_lego_bench(*, regimes: list[str], quick: bool, repeats: int, warmup: int
         "regimes": results,
         "goals": goals,
         "meets_goals": meets(values, goals),
-        "config": dict(regimes=regimes, quick=quick, repeats=repeats, warmup=warmup, threads=n_threads,
+        "config": dict(regimes=regimes, quick=quick, repeats={r: repeats or REPEATS[r] for r in regimes},
+                       warmup=warmup, threads=n_threads,
                        sgd=sgd, lazy=lazy, clock=clock, device=device, amp=amp,
                        dtype=dtype_name(amp_dtype), **env_info()),
     }
@@ -122,7 +128,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny smoke-test sizes (not a measurement)")
     p.add_argument("--amp", choices=["auto", "bf16", "none"], default="auto",
                    help="autocast as train.amp (default auto: bf16 where the device computes it natively)")
-    p.add_argument("--repeats", type=int, help="timed interleaved rounds (default 5; quick 1)")
+    p.add_argument("--repeats", type=int, help="timed interleaved rounds (default 5 for R50, 15 for R18; quick 1)")
     p.add_argument("--warmup", type=int, help="untimed rounds first (default 2; quick 1)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default 1)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:i]: on CUDA steps are timed by wall "
