@@ -19,6 +19,8 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
+from gppf.engine.heap import long_lived_frozen
+
 
 def _cuda_wall() -> float:
     """Wall time once the CUDA queue has drained (a timed region ends when its kernels do)."""
@@ -57,25 +59,24 @@ def interleaved_times(
     """Run ``warmup`` untimed rounds, then ``repeats`` timed rounds of every fn in order (A B C A B C).
 
     ``setup[name]``, if given, runs untimed right before every call of ``fns[name]``. ``clock``: wall
-    time (default) or e.g. ``time.process_time`` (see ``CLOCKS``).
+    time (default) or e.g. ``time.process_time`` (see ``CLOCKS``). The objects alive before are kept
+    out of garbage collection meanwhile, as the trainer keeps them during its steps
+    (``gppf.engine.heap.long_lived_frozen``).
     Returns the per-round times in seconds of each fn.
     """
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats}, {warmup}")
     setup = setup or {}
-    for _ in range(warmup):
-        for name, fn in fns.items():
-            if name in setup:
-                setup[name]()
-            fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            if name in setup:
-                setup[name]()
-            t0 = clock()
-            fn()
-            times[name].append(clock() - t0)
+    with long_lived_frozen():
+        for r in range(warmup + repeats):
+            for name, fn in fns.items():
+                if name in setup:
+                    setup[name]()
+                t0 = clock()
+                fn()
+                if r >= warmup:
+                    times[name].append(clock() - t0)
     return times
 
 

@@ -24,6 +24,7 @@ from gppf.engine import checkpoint as ckpt
 from gppf.engine.amp import resolve_amp
 from gppf.engine.data import ShardTaskStream, TaskStream
 from gppf.engine.distributed import BufferSync, DistInfo, GradSync, init_distributed, plan_tasks, task_groups
+from gppf.engine.heap import long_lived_frozen
 from gppf.engine.logging import MetricsLogger, Progress
 from gppf.engine.model import MultiTaskModel
 from gppf.engine.planning import measure_task_costs, saved_plan, static_cost
@@ -440,25 +441,10 @@ def train(cfg: RunConfig, *, run_dir: Path, resume: bool = False,
     if elastic_job() and resume:
         logger.warn(f"elastic job (torchrun restart {restart} on this node): resumed from step {run.start_step}")
     progress = Progress(total=cfg.train.steps, start=run.start_step, enabled=run.info.is_main and cfg.train.progress)
-    bad_streak, metrics = 0, {}
     run.model.backbone.router.set_progress(run.start_step, cfg.train.steps)
-    prev_routes = _log_router(run, logger, run.start_step, None)
     try:
-        for step in range(run.start_step, cfg.train.steps):
-            t0 = time.perf_counter()
-            result = run.step_fn(step)
-            bad_streak = _check_bad(result, bad_streak, cfg.train.max_bad_steps, logger)
-            logger.train(result, lr=run.optimizer.param_groups[0]["lr"], seconds=time.perf_counter() - t0,
-                         every=cfg.train.log_every)
-            progress.update(result, seconds=time.perf_counter() - t0)
-            done = step + 1
-            run.model.backbone.router.set_progress(done, cfg.train.steps)  # search phase, tau, freeze
-            if done % max(cfg.train.log_every, 1) == 0 or done == cfg.train.steps:
-                prev_routes = _log_router(run, logger, done, prev_routes)
-            if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < cfg.train.steps:
-                metrics = _eval_and_log(run, logger, done)
-            if cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0:
-                save(run, done)
+        with long_lived_frozen():  # no full garbage collection of the model's objects every few steps
+            _train_steps(run, cfg, logger, progress)
         progress.close()
         metrics = _eval_and_log(run, logger, cfg.train.steps)
         save(run, cfg.train.steps)
@@ -471,6 +457,27 @@ def train(cfg: RunConfig, *, run_dir: Path, resume: bool = False,
         progress.close()
         logger.close()
     return metrics
+
+
+def _train_steps(run: Run, cfg: RunConfig, logger: MetricsLogger, progress: Progress) -> None:
+    """SIMT steps from the run's start to ``cfg.train.steps``: log, evaluate and checkpoint on schedule."""
+    bad_streak = 0
+    prev_routes = _log_router(run, logger, run.start_step, None)
+    for step in range(run.start_step, cfg.train.steps):
+        t0 = time.perf_counter()
+        result = run.step_fn(step)
+        bad_streak = _check_bad(result, bad_streak, cfg.train.max_bad_steps, logger)
+        logger.train(result, lr=run.optimizer.param_groups[0]["lr"], seconds=time.perf_counter() - t0,
+                     every=cfg.train.log_every)
+        progress.update(result, seconds=time.perf_counter() - t0)
+        done = step + 1
+        run.model.backbone.router.set_progress(done, cfg.train.steps)  # search phase, tau, freeze
+        if done % max(cfg.train.log_every, 1) == 0 or done == cfg.train.steps:
+            prev_routes = _log_router(run, logger, done, prev_routes)
+        if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < cfg.train.steps:
+            _eval_and_log(run, logger, done)
+        if cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0:
+            save(run, done)
 
 
 def _log_router(run: Run, logger: MetricsLogger, step: int, prev: dict | None) -> dict[str, list[list[int]]]:
