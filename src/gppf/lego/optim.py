@@ -168,6 +168,26 @@ def strided_sgd(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor | N
         w.add_(d, alpha=-lr)
 
 
+class _Replay:
+    """Skipped SGD steps to replay on zero gradients, batched over parameters: one kernel call per
+    (step, hyper-parameters), steps in order."""
+
+    def __init__(self, *, fused: bool | None, foreach: bool | None) -> None:
+        self.kernels = dict(fused=fused, foreach=foreach)  # SGD's kernel choice, as the optimizer's step
+        self.todo: dict[tuple[int, Hyper], tuple[list[Tensor], list[Tensor], list[Tensor]]] = {}
+
+    def add(self, step: int, hyper: Hyper, ws: list[Tensor], gs: list[Tensor], vs: list[Tensor]) -> None:
+        lists = self.todo.setdefault((step, hyper), ([], [], []))
+        lists[0].extend(ws), lists[1].extend(gs), lists[2].extend(vs)
+
+    def run(self) -> None:
+        for step, (lr, mom, wd, nesterov) in sorted(self.todo, key=lambda key: key[0]):
+            ws, gs, vs = self.todo[(step, (lr, mom, wd, nesterov))]
+            _functional_sgd(ws, gs, vs, **self.kernels, weight_decay=wd, momentum=mom, lr=lr, dampening=0.0,
+                            nesterov=nesterov, maximize=False)
+        self.todo = {}
+
+
 class _LazyCells:
     """Row bookkeeping of one lego parameter (see the module docstring), owned by one ``LegoSGD``.
 
@@ -176,10 +196,8 @@ class _LazyCells:
     buffer (contiguous row runs, strided column runs), so nothing is gathered or copied.
     """
 
-    def __init__(self, param: Tensor, *, clock: _Clock, state: dict, dim: int = 0,
-                 kernels: dict[str, bool | None] | None = None) -> None:
+    def __init__(self, param: Tensor, *, clock: _Clock, state: dict, dim: int = 0) -> None:
         self.param, self.clock, self.state, self.dim = param, clock, state, dim
-        self.kernels = kernels or {}  # SGD's kernel choice (fused / foreach) for replayed steps
         self.rows = param.shape[dim]
         self.synced_R = np.full(self.rows, clock.t, dtype=np.int64)  # the step each row is at
         self.used_R = np.zeros(self.rows, dtype=bool)  # rows prepared for the coming step()
@@ -197,29 +215,28 @@ class _LazyCells:
             self._last_views = {}
         return self._last_runs[1]
 
-    def catch_up(self, mask_R: np.ndarray, *, grads_zero: bool = False) -> None:
-        """Apply the skipped steps to the rows of ``mask_R`` that are behind. ``grads_zero``: the
-        gradient is zero at those rows (before a step's backward): rows at most ``_REPLAYED_STEPS``
-        behind then replay SGD's own steps on their zero gradient (one fused pass per step, bit-exact
-        to ``torch.optim.SGD``); the others apply the composed map of their skipped steps (five passes,
-        equal up to float rounding)."""
+    def catch_up(self, mask_R: np.ndarray, *, replay: _Replay | None = None) -> None:
+        """Apply the skipped steps to the rows of ``mask_R`` that are behind. ``replay`` (given when the
+        gradient is zero at those rows, before a step's backward): rows at most ``_REPLAYED_STEPS``
+        behind are queued there to replay SGD's own steps on their zero gradient (one fused pass per
+        step, SGD's arithmetic) and count as caught up once it runs; the others apply the composed map
+        of their skipped steps (five passes, equal up to float rounding)."""
         behind_R = mask_R & (self.synced_R < self.clock.t)
         if not behind_R.any():
             return
         buf = self.state.get("momentum_buffer")
         grad = self.param.grad
-        replay = (grads_zero and self.dim == 0 and buf is not None and grad is not None
-                  and _same_layout(self.param, grad, buf))
+        if replay is not None and not (self.dim == 0 and buf is not None and grad is not None
+                                       and _same_layout(self.param, grad, buf)):
+            replay = None
         for s in np.unique(self.synced_R[behind_R]).tolist():
             sel_R = behind_R & (self.synced_R == s)
             runs = self.runs(sel_R)
             ws = self.views(self.param.data, runs)
-            if replay and all(k in self.clock.hyper for k in range(s, self.clock.t)):
-                gs, vs = self.views(grad, runs), self.views(buf, runs)
+            if replay is not None and all(k in self.clock.hyper for k in range(s, self.clock.t)):
+                gs, vs = self.views(grad, runs), self.views(buf, runs)  # type: ignore[arg-type]
                 for k in range(s, self.clock.t):
-                    lr, mom, wd, nesterov = self.clock.hyper[k]
-                    _functional_sgd(ws, gs, vs, **self.kernels, weight_decay=wd, momentum=mom, lr=lr,
-                                    dampening=0.0, nesterov=nesterov, maximize=False)
+                    replay.add(k, self.clock.hyper[k], ws, gs, vs)
                 self.synced_R[sel_R] = self.clock.t
                 continue
             a, b, c, d = self.clock.since[s]
@@ -250,14 +267,15 @@ class _LazyCells:
             out = self._last_views[t.data_ptr()] = _views(t, runs, self.dim)
         return out
 
-    def prepare(self, mask_R: np.ndarray | None) -> None:
-        """The coming step uses these rows (``None``: all): bring them up to date and remember them."""
+    def prepare(self, mask_R: np.ndarray | None, *, replay: _Replay | None = None) -> None:
+        """The coming step uses these rows (``None``: all): bring them up to date (rows queued on
+        ``replay`` once it runs) and remember them."""
         if mask_R is None:
             mask_R = np.ones(self.rows, dtype=bool)
         elif mask_R.shape != (self.rows,) or mask_R.dtype != np.bool_:
             raise ValueError(f"expected a bool row mask of shape ({self.rows},), got {mask_R.dtype} {mask_R.shape}")
         if self.stale:  # (rows not yet used since the last zero_grad have a zero gradient)
-            self.catch_up(mask_R & ~self.dirty_R, grads_zero=True)
+            self.catch_up(mask_R & ~self.dirty_R, replay=replay)
             self.catch_up(mask_R)
         self.used_R |= mask_R
         self.dirty_R |= mask_R
@@ -349,8 +367,7 @@ class LegoSGD(torch.optim.Optimizer):
                 wanted = lazy if lazy is not None else p.device.type == "cpu"
                 dim = declared.get(id(p))
                 if wanted and dim is not None and p.dim() > dim and memory_order(p) is not None:
-                    self._cells[id(p)] = _LazyCells(p, clock=clock, state=self.state[p], dim=dim,
-                                                    kernels=dict(fused=fused, foreach=foreach))
+                    self._cells[id(p)] = _LazyCells(p, clock=clock, state=self.state[p], dim=dim)
         self._prepared = False
 
     @property
@@ -368,10 +385,12 @@ class LegoSGD(torch.optim.Optimizer):
         """Declare the lego rows the coming step uses (``gppf.lego.layers.rows_used`` of its routes) and
         bring them up to date; call before the step's forward. Parameters not in ``used`` are unused.
         Several calls before one ``step()`` add up."""
+        replay = _Replay(fused=self.fused, foreach=self.foreach)
         for p, mask_R in used.items():
             cells = self._cells.get(id(p))
             if cells is not None:
-                cells.prepare(mask_R)
+                cells.prepare(mask_R, replay=replay)
+        replay.run()
         self._prepared = True
 
     def grad_regions(self, param: Tensor) -> list[Tensor] | None:
