@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from gppf.config import RunConfig, default_config_path, load_config
+from gppf.engine.heap import keep_freed_memory
 
 __all__ = ["build_parser", "default_config_path", "main", "parse_args", "set_process_defaults"]
 
@@ -18,8 +19,12 @@ def set_process_defaults() -> None:
     OpenMP threads that spin while waiting make every op 10-100x slower as soon as another process
     (a DataLoader worker, a second job) shares the cores: measured here, a BatchNorm of 0.5M elements
     took 23-48 ms with spinning threads under contention vs 0.3-1 ms passive.
+    Large freed blocks stay in the C allocator's heap for reuse instead of being unmapped and faulted in
+    again every step (``gppf.engine.heap.keep_freed_memory``; ``GPPF_KEEP_FREED_MEMORY=0`` or any glibc
+    ``MALLOC_*_`` setting leaves the allocator alone).
     """
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    keep_freed_memory()
 
 
 def _load(config: str | None, overrides: list[str]) -> RunConfig:
