@@ -21,14 +21,9 @@ def set_process_defaults() -> None:
     took 23-48 ms with spinning threads under contention vs 0.3-1 ms passive.
     Large freed blocks stay in the C allocator's heap for reuse instead of being unmapped and faulted in
     again every step (``gppf.engine.heap.keep_freed_memory``; ``GPPF_KEEP_FREED_MEMORY=0`` or any glibc
-    ``MALLOC_*_`` setting leaves the allocator alone). torch backs CPU tensors of 2 MB and more with
-    transparent huge pages (``THP_MEM_ALLOC_ENABLE=1``, read by torch's allocator at its first
-    allocation; PyTorch's CPU performance tuning guide recommends it): a routed step streams through
-    several times the parameters, gradients and momentum of its dense twin, and 4 KB pages make every
-    such pass a walk of page tables.
+    ``MALLOC_*_`` setting leaves the allocator alone).
     """
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     keep_freed_memory()
 
 

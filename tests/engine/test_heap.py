@@ -67,11 +67,14 @@ print(faults() - f0)
 
 
 def _faults(mode: str) -> int:
-    env = {k: v for k, v in os.environ.items() if k not in (*_USER_SETTINGS, OPT_OUT, "THP_MEM_ALLOC_ENABLE")}
+    env = {k: v for k, v in os.environ.items() if k not in _USER_SETTINGS and k != OPT_OUT}
     out = subprocess.run([sys.executable, "-c", _FAULTS, mode], env=env, capture_output=True, text=True, check=True)
     return int(out.stdout.split()[-1])
 
 
+def _thp_always() -> bool:
+    path = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    return path.exists() and "[always]" in path.read_text()
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or not os.confstr("CS_GNU_LIBC_VERSION"),
@@ -79,46 +82,8 @@ def _faults(mode: str) -> int:
 def test_gppf_command_reuses_freed_large_blocks_without_page_faults() -> None:
     kept = _faults("cli")
     assert kept < 2_000, kept  # the freed block is reused: its pages are already mapped
-    if _thp_mode() != "always":  # control: glibc's default unmaps and faults in 3 x 16 k pages again
+    if not _thp_always():  # control: glibc's default unmaps and faults in 3 x 16 k pages again
         assert _faults("none") > 30_000
-
-
-def test_gppf_command_asks_torch_for_huge_pages_unless_set(monkeypatch) -> None:
-    from gppf import cli
-
-    monkeypatch.setattr(cli, "keep_freed_memory", lambda: False)  # (leave this process's allocator alone)
-    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "")  # (restored after the test)
-    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE")
-    cli.set_process_defaults()
-    assert os.environ["THP_MEM_ALLOC_ENABLE"] == "1"
-    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "0")  # the user's setting wins
-    cli.set_process_defaults()
-    assert os.environ["THP_MEM_ALLOC_ENABLE"] == "0"
-
-
-_HUGE = """
-import sys
-from gppf.cli import set_process_defaults
-set_process_defaults()
-import torch
-x = torch.ones(32 * 2**20)  # 128 MiB
-kb = sum(int(line.split()[1]) for line in open("/proc/self/smaps") if line.startswith("AnonHugePages:"))
-print(kb)
-"""
-
-
-def _thp_mode() -> str:
-    path = Path("/sys/kernel/mm/transparent_hugepage/enabled")
-    text = path.read_text() if path.exists() else "[never]"
-    return text[text.index("[") + 1:text.index("]")]
-
-
-@pytest.mark.skipif(_thp_mode() == "never", reason="transparent huge pages are off in this kernel")
-def test_gppf_command_backs_large_tensors_with_huge_pages() -> None:
-    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
-    out = subprocess.run([sys.executable, "-c", _HUGE], env=env, capture_output=True, text=True, check=True)
-    assert int(out.stdout.split()[-1]) >= 64 * 1024  # kB: at least half of the tensor (the kernel may
-    # fall back to small pages where it finds no free 2 MB page)
 
 
 def test_explicit_allocator_settings_win() -> None:
