@@ -12,10 +12,11 @@ collection stays on.
 ``keep_freed_memory``: torch's CPU tensors come from the C allocator. glibc's ``malloc`` serves large
 blocks (activations, gradients, gathered weights: up to tens of MB) by ``mmap`` and gives them back
 to the kernel on ``free``, so every step maps them again and the kernel faults in and zeroes every
-page: measured on GPPF-R50 at 224 px, batch 16, bf16, one thread, 72-93 k page faults and 0.15-0.24 s
-of system time per 2.6-2.9 s step, for torchvision's ResNet-50 as for GPPF-R50. Keeping freed memory
-in the heap for reuse (what jemalloc or tcmalloc, the allocators PyTorch's CPU tuning guides
-recommend, do by default) removes both. The ``gppf`` command applies it at start-up.
+page: measured at 224 px, batch 16, bf16, one thread, 72-93 k page faults and 0.15-0.24 s of system
+time per 2.7-2.9 s step, for torchvision's ResNet-50 as for GPPF-R50. Keeping freed memory in the heap
+for reuse removes both (jemalloc and tcmalloc, the allocators PyTorch's CPU tuning guide recommends,
+also hold freed memory for reuse instead of unmapping it at once). The ``gppf`` command applies it at
+start-up; Python API users call it themselves.
 """
 from __future__ import annotations
 
