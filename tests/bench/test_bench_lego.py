@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gppf.bench.common import interleaved_times, peak_alloc_bytes
-from gppf.bench.lego import GOALS, REGIMES, goal_keys, main_lego
+from gppf.bench.lego import GOALS, REGIMES, _child_argv, combine_processes, goal_keys, main_lego
 from gppf.bench.r50 import default_recipe_tasks
 from gppf.bench.small import distinct_routes
 
@@ -104,3 +104,37 @@ def test_bench_lego_quick_json_every_regime(capsys):
     cfg = result["config"]
     assert cfg["threads"] == 1 and cfg["quick"] is True and cfg["torch"] == torch.__version__
     assert set(GOALS) == set(REGIMES)
+
+
+def _run(values: dict[str, float]) -> dict:
+    goals = goal_keys(["r50_1task"])
+    return {"goals": goals, **values, "regimes": {"r50_1task": dict(values)}, "config": {"threads": 1}}
+
+
+def test_processes_combine_to_the_median_of_each_ratio_with_every_value() -> None:
+    key, n_key = "r50_1task/routed_vs_dense_step", "r50_1task/routed_n_large_vs_small_step"
+    mem = "r50_1task/routed_vs_dense_act_mem"
+    runs = [_run({key: 1.10, n_key: 1.00, mem: 1.0}), _run({key: 1.02, n_key: 1.07, mem: 1.0}),
+            _run({key: 1.04, n_key: 1.06, mem: 1.0})]
+    out = combine_processes(runs)
+    assert out[key] == 1.04 and out[n_key] == 1.06  # medians, not means (1.053, 1.043)
+    assert out["meets_goals"] == {key: True, n_key: False, mem: True}
+    assert out["per_process"][key] == [1.10, 1.02, 1.04] and out["spread"][key] == [1.02, 1.10]
+    assert out["config"]["processes"] == 3 and len(out["processes"]) == 3
+
+
+def test_processes_flag_is_not_passed_on() -> None:
+    argv = ["--quick", "--processes", "3", "--json", "--regime", "r18_32px", "--processes=2"]
+    assert _child_argv(argv) == ["--quick", "--regime", "r18_32px"]
+
+
+def test_bench_lego_in_two_fresh_processes(capsys) -> None:
+    argv = ["--quick", "--json", "--regime", "r18_32px", "--warmup", "0", "--processes", "2"]
+    assert main_lego(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    key = "r18_32px/learned_vs_hard_sharing_step"
+    values = result["per_process"][key]
+    assert len(values) == 2 and all(_ratio_ok(v) for v in values)
+    assert result[key] == pytest.approx(sum(values) / 2)  # the median of two
+    assert [p["r18_32px"][key.split("/")[1]] for p in result["processes"]] == values
+    assert result["config"]["processes"] == 2 and result["config"]["quick"] is True

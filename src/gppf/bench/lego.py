@@ -31,12 +31,18 @@ erratic). Steps are timed by the process's CPU time (``--clock cpu``, the defaul
 the step's own work, robust to other processes competing for the cores) or by wall time
 (``--clock wall``); with ``--device cuda`` by wall time with the CUDA queue synchronised, and memory is
 the CUDA allocator's peak. ``--regime`` picks one regime (default all); ``--quick`` shrinks everything to a smoke test
-(not a measurement).
+(not a measurement). ``--processes K`` runs the whole bench in K fresh ``gppf`` processes one after the
+other and reports each ratio's median over them, with every process's value (``per_process``) and the
+range (``spread``): on a shared machine one process's ratios move by several points (the same code gave
+a routed/dense ratio of 0.98 in one process and 1.10 in the next), more than the goals' margins.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import statistics
+import subprocess
 import sys
 from typing import Any
 
@@ -121,6 +127,41 @@ def run_lego_bench(*, regimes: list[str], quick: bool, repeats: int | None, warm
     }
 
 
+def combine_processes(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result from whole bench runs in separate processes: each goal ratio is the median over the runs
+    (``per_process``: every run's value, ``spread``: their range); ``processes``: every run's regimes."""
+    goals: dict[str, float] = runs[0]["goals"]
+    per_process = {key: [run[key] for run in runs] for key in goals}
+    values = {key: statistics.median(v) for key, v in per_process.items()}
+    return {
+        "bench": "lego",
+        **values,
+        "per_process": per_process,
+        "spread": {key: [min(v), max(v)] for key, v in per_process.items()},
+        "goals": goals,
+        "meets_goals": meets(values, goals),
+        "config": {**runs[0]["config"], "processes": len(runs)},
+        "processes": [run["regimes"] for run in runs],
+    }
+
+
+# a fresh process with the ``gppf`` command's process defaults (allocator, OpenMP waiting)
+_CHILD = "import sys; from gppf.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+def run_processes(argv: list[str], processes: int) -> dict[str, Any]:
+    """``gppf bench lego ARGV --json`` in ``processes`` fresh processes, one after the other, combined."""
+    runs = []
+    for i in range(processes):
+        out = subprocess.run([sys.executable, "-c", _CHILD, "bench", "lego", *argv, "--json"],
+                             capture_output=True, text=True)
+        if out.returncode != 0 or not out.stdout.strip():
+            raise RuntimeError(f"gppf bench lego process {i + 1} of {processes} failed (exit {out.returncode}):\n"
+                               f"{out.stderr[-2000:]}")
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return combine_processes(runs)
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="gppf bench lego", description=__doc__.splitlines()[0])
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -148,12 +189,35 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--legos", type=int, help="N of the routed R18 (default 8)")
     p.add_argument("--active", type=int, help="k active legos per routing point (default 4 for R50, 2 for R18)")
     p.add_argument("--tasks", type=int, help="number of tasks of the R18 regime (default 2)")
+    p.add_argument("--processes", type=int, default=1,
+                   help="run the whole bench in this many fresh processes, one after the other, and report each "
+                        "ratio's median over them with every process's value (default 1: this process)")
     return p.parse_args(argv)
+
+
+def _child_argv(argv: list[str]) -> list[str]:
+    """``argv`` without ``--json`` and ``--processes K`` (either spelling)."""
+    out: list[str] = []
+    skip = False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--processes":
+            skip = True
+        elif a != "--json" and not a.startswith("--processes="):
+            out.append(a)
+    return out
 
 
 def main_lego(argv: list[str]) -> int:
     """CLI entry: ``gppf bench lego [--json] [--quick] [--regime R] ...``."""
     args = parse_args(argv)
+    if args.processes < 1:
+        raise SystemExit(f"gppf bench lego: --processes must be >= 1, got {args.processes}")
+    if args.processes > 1:
+        result = run_processes(_child_argv(argv), args.processes)
+        emit(result, as_json=args.json)
+        return 0 if all(math.isfinite(result[k]) for k in result["goals"]) else 1
     kw = {**COMMON, **(QUICK if args.quick else {})}
     kw.update({k: v for k, v in vars(args).items() if k in kw and v is not None})
     regimes = list(REGIMES) if args.regime == "all" else [args.regime]
