@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 import gppf
 from gppf.lego.layers import LegoConv2d, LegoIndex, LegoLinear, LegoRows, rows_used
-from gppf.lego.optim import LegoSGD, skipped_step_map
+from gppf.lego.optim import LegoSGD, _compose, map_as_sgd, skipped_step_map
 
 HYPER = [
     dict(lr=0.1, momentum=0.9, weight_decay=0.05, nesterov=True),
@@ -84,19 +84,19 @@ def test_linear_matches_sgd_step_by_step(hyper: dict) -> None:
 
 
 @pytest.mark.parametrize("kernel", [dict(fused=True), dict(foreach=True), {}], ids=["fused", "foreach", "default"])
-def test_rows_at_most_two_steps_behind_replay_sgd_bit_for_bit(kernel: dict) -> None:
-    """Legos skipped for one or two steps are caught up by replaying SGD's steps on their zero
-    gradient: the rows a step prepares equal ``torch.optim.SGD``'s bit for bit (a composed map does
-    not), also across a learning-rate change. (Rows of 16 floats: the CPU fused kernel rounds a
-    tensor's scalar tail differently from its vector body, so tiny views need not match bit for bit.)"""
+def test_rows_one_step_behind_replay_sgd_bit_for_bit(kernel: dict) -> None:
+    """Legos skipped for one step are caught up by replaying SGD's step on their zero gradient: the
+    rows a step prepares equal ``torch.optim.SGD``'s bit for bit (a composed map does not), also across
+    a learning-rate change. (Rows of 16 floats: the CPU fused kernel rounds a tensor's scalar tail
+    differently from its vector body, so tiny views need not match bit for bit.)"""
     ref, lazy = _twins(LegoLinear, in_features=16, out_features=8, bias=False)
     hyper = dict(lr=0.1, momentum=0.9, weight_decay=0.05, nesterov=True, **kernel)
     o_ref, o_lazy = torch.optim.SGD(ref.parameters(), **hyper), _lego_sgd(lazy, 4, 2, **hyper)
     s_ref = torch.optim.lr_scheduler.StepLR(o_ref, 2, gamma=0.5)
     s_lazy = torch.optim.lr_scheduler.StepLR(o_lazy, 2, gamma=0.5)
     x = torch.randn(5, 16, generator=torch.Generator().manual_seed(1))
-    # every lego is used again within three steps: one or two skipped steps each time
-    seq = [[0, 1], [2, 3], [0, 1], [0, 2], [1, 3], [2, 3], [0, 1], [1, 2], [0, 3], [1, 2]]
+    # every lego is used again two steps later: one skipped step each time
+    seq = [[0, 1], [2, 3]] * 5
     for legos in seq:
         rows = LegoIndex(torch.tensor(legos), 2)
         _prepare(o_lazy, lazy, rows, 4)
@@ -114,6 +114,71 @@ def test_rows_at_most_two_steps_behind_replay_sgd_bit_for_bit(kernel: dict) -> N
     o_lazy.flush()
     for p_ref, p_lazy in zip(ref.parameters(), lazy.parameters()):
         _close(p_lazy, p_ref)
+
+
+def _map_power(m: tuple[float, float, float, float], steps: int) -> tuple[float, float, float, float]:
+    out = m
+    for _ in range(steps - 1):
+        out = _compose(m, out)
+    return out
+
+
+@pytest.mark.parametrize("hyper", HYPER, ids=["nesterov", "momentum", "plain", "no_decay"])
+@pytest.mark.parametrize("steps", [1, 2, 3, 7, 20, 60])
+def test_one_fused_sgd_pass_applies_a_composed_map(hyper: dict, steps: int) -> None:
+    """``map_as_sgd``: one fused Nesterov SGD pass on a zero gradient applies the map of ``steps``
+    skipped steps (of any SGD variant) within float32 rounding of stepping in float64; maps whose
+    momentum coefficient is too small to carry (or without momentum) are refused."""
+    m = _map_power(skipped_step_map(**hyper), steps)
+    coef = map_as_sgd(m)
+    if hyper["momentum"] == 0.0 or m[3] < 1e-3:
+        assert coef is None
+        return
+    assert coef is not None
+    gen = torch.Generator().manual_seed(steps)
+    w0, v0 = torch.randn(4096, generator=gen), torch.randn(4096, generator=gen) * 0.1
+    w, v = w0.clone(), v0.clone()
+    lr, mom, wd, damp = coef
+    torch._fused_sgd_([w], [torch.zeros_like(w)], [v], weight_decay=wd, momentum=mom, lr=lr, dampening=damp,
+                      nesterov=True, maximize=False, is_first_step=False)
+    w64, v64 = w0.double(), v0.double()
+    for _ in range(steps):  # torch.optim.SGD's update on a zero gradient, in float64
+        v64 = hyper["momentum"] * v64 + hyper["weight_decay"] * w64
+        d = hyper["weight_decay"] * w64 + (hyper["momentum"] * v64 if hyper["nesterov"] else 0.0)
+        w64 = w64 - hyper["lr"] * (d if hyper["nesterov"] else v64)
+    for got, want in ((w, w64), (v, v64)):
+        torch.testing.assert_close(got.double(), want, atol=1e-6 * float(want.abs().max()), rtol=0)
+
+
+def test_rows_further_behind_take_one_fused_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows two or more steps behind are caught up by ``prepare`` in one fused SGD call per map (not
+    replayed step by step, not five elementwise passes), and the result equals ``torch.optim.SGD``."""
+    ref, lazy = _twins(LegoLinear, in_features=64, out_features=32, bias=False)
+    hyper = dict(lr=0.1, momentum=0.9, weight_decay=0.05, nesterov=False, fused=True)
+    o_ref, o_lazy = torch.optim.SGD(ref.parameters(), **hyper), _lego_sgd(lazy, 4, 8, **hyper)
+    calls: list[tuple[int, float]] = []
+    real = gppf.lego.optim._functional_sgd
+
+    def counting(params: list[Tensor], *args: object, **kw: object) -> None:
+        calls.append((sum(p.numel() for p in params), kw["dampening"]))  # type: ignore[arg-type]
+        real(params, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(gppf.lego.optim, "_functional_sgd", counting)
+    monkeypatch.setattr(gppf.lego.optim.torch, "_foreach_mul_", None)  # the five-pass map must not run
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(1))
+    for legos in [[0, 1], [2, 3], [2, 3], [2, 3], [0, 2], [1, 3]]:  # lego 0 three, lego 1 four steps behind
+        rows = LegoIndex(torch.tensor(legos), 8)
+        calls.clear()
+        _prepare(o_lazy, lazy, rows, 4)
+        for layer, opt in ((ref, o_ref), (lazy, o_lazy)):
+            opt.zero_grad(set_to_none=False)
+            layer(x, out_idx=rows).square().sum().backward()
+            opt.step()
+        _close(lazy.weight[rows.channels()], ref.weight[rows.channels()])
+    # the last prepare: lego 3 (one step behind) replays SGD's step, lego 1 (four behind) takes its map
+    # (a Nesterov pass with dampening), then the step updates both
+    assert [n for n, _ in calls] == [8 * 64, 8 * 64, 16 * 64]
+    assert calls[0][1] == 0.0 and calls[1][1] != 0.0 and calls[2][1] == 0.0
 
 
 def test_step_writes_only_the_used_rows() -> None:

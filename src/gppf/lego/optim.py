@@ -36,13 +36,16 @@ runs when a model is read):
 * A skipped row has a zero loss gradient, so each skipped step maps its ``(w, v)`` linearly:
   ``v' = mu v + wd w``, ``w' = w - lr (wd w + mu v')`` (Nesterov) or ``w - lr v'``. ``LegoSGD`` keeps the
   product of these 2x2 maps since each earlier step (per parameter group, float64) and applies it
-  when a row is next prepared or updated (five elementwise passes). A row at most
-  ``_REPLAYED_STEPS`` (2) steps behind that ``prepare`` brings up to date before the step's backward
-  (its gradient is zero then, by the contract above) instead replays SGD's own kernel on that zero
-  gradient, once per skipped step with that step's hyper-parameters, batched over parameters: one
-  fused pass per step and ``torch.optim.SGD``'s own arithmetic (6.5 M elements in 100 views, cold
-  cache: 3.5 vs 9.3 ms for the map; GPPF-R18 at 32 px with learned routes: catch-up kernels 7.8 vs
-  10.5 ms per 0.4 s step). :meth:`LegoSGD.flush` catches up everything: the trainer
+  when a row is next prepared or updated. Where ``prepare`` brings rows up to date before the step's
+  backward, their gradient is zero (by the contract above), and SGD's own kernel does it in one pass
+  each, batched over parameters: a row one step behind replays that step (``torch.optim.SGD``'s
+  arithmetic, bit for bit); a row further behind takes its composed map in one pass of the fused
+  kernel, whose Nesterov update on a zero gradient is a 2x2 map with four free coefficients
+  (:func:`map_as_sgd`; equal up to float rounding). Elsewhere (rows only another rank used, a whole
+  update, ``flush``) and for maps the kernel cannot carry accurately, the map takes five elementwise
+  passes. (GPPF-R18 at 32 px with learned routes: 6.8 M elements caught up per step, 1.3 M with the
+  five passes, in 11.6 ms per step when rows two steps behind were replayed twice and every row
+  further behind took the five passes.) :meth:`LegoSGD.flush` catches up everything: the trainer
   calls it on every rank before evaluation and checkpoints, so replicas stay bit-identical.
   Reading the model (``state_dict``, an eval forward) changes nothing; before ``flush`` it reads the
   deferred rows as they are (``pending`` says whether any are), and ``LegoSGD.state_dict()`` refuses.
@@ -94,7 +97,32 @@ def skipped_step_map(*, lr: float, momentum: float, weight_decay: float, nestero
 
 
 Hyper = tuple[float, float, float, bool]  # lr, momentum, weight_decay, nesterov of one step
-_REPLAYED_STEPS = 2  # rows this many steps behind (or fewer) are caught up by replaying SGD's own steps
+_REPLAYED_STEPS = 1  # rows this many steps behind (or fewer) are caught up by replaying SGD's own steps
+# The fused kernel carries a composed map only while its momentum coefficient ``d`` is at least this:
+# its learning rate is ``-b / d**2``; at ``d >= 1e-3`` (momentum 0.9: 65 skipped steps) the result stays
+# within a few float32 roundings of the five-pass map (tests/lego/test_optim.py).
+_MIN_KERNEL_DECAY = 1e-3
+SgdCoefficients = tuple[float, float, float, float]  # lr, momentum, weight_decay, dampening (Nesterov)
+_FUSED_DEVICES = ("cpu", "cuda")  # where torch.optim.SGD(fused=True) runs (torch 2.14)
+
+
+def map_as_sgd(m: Mat) -> SgdCoefficients | None:
+    """Coefficients of a Nesterov SGD step whose update on a zero gradient is the map ``m`` of ``(w, v)``.
+
+    On a zero gradient, ``torch.optim.SGD``'s Nesterov step with dampening ``q`` computes
+    ``v' = mu v + (1 - q) wd w`` and ``w' = w - lr (wd w + mu v')``: the map
+    ``[[1 - lr wd - lr mu (1 - q) wd, -lr mu^2], [(1 - q) wd, mu]]``, so ``mu = d``, ``lr = -b / d^2``,
+    ``(1 - q) wd = c`` and ``wd = (1 - a - lr d c) / lr``. ``None`` where that has no finite solution or
+    ``d`` is below ``_MIN_KERNEL_DECAY`` (the large learning rate would amplify rounding)."""
+    a, b, c, d = m
+    if d < _MIN_KERNEL_DECAY or b == 0.0:
+        return None
+    lr = -b / (d * d)
+    wd = (1.0 - a - lr * d * c) / lr
+    if wd == 0.0:
+        return (lr, d, 0.0, 0.0) if c == 0.0 else None
+    out = (lr, d, wd, 1.0 - c / wd)
+    return out if all(math.isfinite(x) for x in out) else None
 
 
 class _Clock:
@@ -170,23 +198,37 @@ def strided_sgd(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor | N
 
 
 class _Replay:
-    """Skipped SGD steps to replay on zero gradients, batched over parameters: one kernel call per
-    (step, hyper-parameters), steps in order."""
+    """Catch-up passes of SGD's kernel on zero gradients, batched over parameters: replayed steps (one
+    kernel call per step and hyper-parameters, in order) and composed maps (one fused call per map)."""
 
     def __init__(self, *, fused: bool | None, foreach: bool | None) -> None:
         self.kernels = dict(fused=fused, foreach=foreach)  # SGD's kernel choice, as the optimizer's step
         self.todo: dict[tuple[int, Hyper], tuple[list[Tensor], list[Tensor], list[Tensor]]] = {}
+        self.maps: dict[SgdCoefficients, tuple[list[Tensor], list[Tensor], list[Tensor]]] = {}
 
     def add(self, step: int, hyper: Hyper, ws: list[Tensor], gs: list[Tensor], vs: list[Tensor]) -> None:
         lists = self.todo.setdefault((step, hyper), ([], [], []))
         lists[0].extend(ws), lists[1].extend(gs), lists[2].extend(vs)
+
+    def add_map(self, m: Mat, ws: list[Tensor], gs: list[Tensor], vs: list[Tensor]) -> bool:
+        """Queue the map ``m`` of these rows as one fused SGD pass; ``False`` (nothing queued) where the
+        kernel cannot carry it (:func:`map_as_sgd`) or has no fused version on this device."""
+        coef = map_as_sgd(m)
+        if coef is None or not ws or ws[0].device.type not in _FUSED_DEVICES:
+            return False
+        lists = self.maps.setdefault(coef, ([], [], []))
+        lists[0].extend(ws), lists[1].extend(gs), lists[2].extend(vs)
+        return True
 
     def run(self) -> None:
         for step, (lr, mom, wd, nesterov) in sorted(self.todo, key=lambda key: key[0]):
             ws, gs, vs = self.todo[(step, (lr, mom, wd, nesterov))]
             _functional_sgd(ws, gs, vs, **self.kernels, weight_decay=wd, momentum=mom, lr=lr, dampening=0.0,
                             nesterov=nesterov, maximize=False)
-        self.todo = {}
+        for (lr, mom, wd, damp), (ws, gs, vs) in self.maps.items():  # (each row is in one map or step)
+            _functional_sgd(ws, gs, vs, fused=True, foreach=None, weight_decay=wd, momentum=mom, lr=lr,
+                            dampening=damp, nesterov=True, maximize=False)
+        self.todo, self.maps = {}, {}
 
 
 class _LazyCells:
@@ -218,10 +260,10 @@ class _LazyCells:
 
     def catch_up(self, mask_R: np.ndarray, *, replay: _Replay | None = None) -> None:
         """Apply the skipped steps to the rows of ``mask_R`` that are behind. ``replay`` (given when the
-        gradient is zero at those rows, before a step's backward): rows at most ``_REPLAYED_STEPS``
-        behind are queued there to replay SGD's own steps on their zero gradient (one fused pass per
-        step, SGD's arithmetic) and count as caught up once it runs; the others apply the composed map
-        of their skipped steps (five passes, equal up to float rounding)."""
+        gradient is zero at those rows, before a step's backward): rows are queued there, to replay
+        SGD's own steps on their zero gradient (at most ``_REPLAYED_STEPS`` behind) or to take their
+        composed map in one fused pass, and count as caught up once it runs; the others apply the
+        composed map of their skipped steps in five elementwise passes (equal up to float rounding)."""
         behind_R = mask_R & (self.synced_R < self.clock.t)
         if not behind_R.any():
             return
@@ -234,12 +276,16 @@ class _LazyCells:
             sel_R = behind_R & (self.synced_R == s)
             runs = self.runs(sel_R)
             ws = self.views(self.param.data, runs)
-            if replay is not None and all(k in self.clock.hyper for k in range(s, self.clock.t)):
+            if replay is not None:
                 gs, vs = self.views(grad, runs), self.views(buf, runs)  # type: ignore[arg-type]
-                for k in range(s, self.clock.t):
-                    replay.add(k, self.clock.hyper[k], ws, gs, vs)
-                self.synced_R[sel_R] = self.clock.t
-                continue
+                if self.clock.t - s <= _REPLAYED_STEPS and all(k in self.clock.hyper for k in range(s, self.clock.t)):
+                    for k in range(s, self.clock.t):
+                        replay.add(k, self.clock.hyper[k], ws, gs, vs)
+                    self.synced_R[sel_R] = self.clock.t
+                    continue
+                if replay.add_map(self.clock.since[s], ws, gs, vs):
+                    self.synced_R[sel_R] = self.clock.t
+                    continue
             a, b, c, d = self.clock.since[s]
             if buf is None:
                 torch._foreach_mul_(ws, a)
