@@ -11,6 +11,7 @@ from gppf.bench.common import interleaved_times, peak_alloc_bytes
 from gppf.bench.lego import GOALS, REGIMES, _child_argv, combine_processes, goal_keys, main_lego
 from gppf.bench.r50 import default_recipe_tasks
 from gppf.bench.small import distinct_routes
+from gppf.config import RouterConfig, TrainConfig
 
 
 def test_peak_alloc_bytes_counts_a_known_allocation():
@@ -98,6 +99,10 @@ def test_bench_lego_quick_json_every_regime(capsys):
     assert small["skipped_steps"] == 0 and small["config"]["tasks"] >= 2
     p = small["parameters"]
     assert p["learned"] == p["fixed"] > p["hard_sharing"]  # N=4 legos stored vs N=k=2
+    assert 0.0 <= small["learned_route_churn"] <= 1.0
+    # the learned routes train with the engine's default learning rates (they set the route churn)
+    assert f"'lr': {TrainConfig.lr}" in small["config"]["optimizer"]
+    assert f"'router_lr_mult': {RouterConfig.router_lr_mult}" in small["config"]["optimizer"]
     for passes in small["grad_pass_s"].values():
         assert passes["norm_rel_diff"] < 1e-5  # the written-region norm equals the full norm
         assert passes["fused_written"] > 0 and passes["per_tensor_full"] > 0

@@ -14,7 +14,9 @@
   are cheap, so every per-step pass over the stored parameters shows. A fourth variant runs both
   tasks on one shared fixed route of the N=8 network (``shared_route_vs_hard_sharing_step``): the
   routing machinery at hard sharing's parameter volume, so the two figures separate what routing
-  costs from what the larger union of distinct routes costs (``updated_parameters`` per step).
+  costs from what the larger union of distinct routes costs (``updated_parameters`` per step). Learned
+  routes start from fresh logits with the engine's default learning rates; ``learned_route_churn``
+  is the fraction of their routing points that change per step (each change is a catch-up).
 
 Ratios (goals are upper bounds): ``<regime>/routed_vs_dense_step`` (median step time, routed N large /
 best dense), ``<regime>/routed_n_large_vs_small_step`` (routed N large / routed N small, same k),

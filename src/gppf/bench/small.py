@@ -17,6 +17,10 @@ fixed random batch each (data loading excluded), stepped interleaved:
   routes: twice the parameters to gather, accumulate, update and zero); this variant separates what
   routing itself costs from what owning more parameters costs.
 
+``learned_route_churn`` is the median fraction of (task, routing point) routes of ``learned`` that
+change from one timed step to the next (routes from fresh logits, the router's learning rate the
+engine's default): each change makes ``LegoSGD`` catch up the legos that come back.
+
 ``updated_parameters`` is the median number of parameter elements ``LegoSGD`` updated per step (the
 union of the step's routes plus every dense parameter).
 
@@ -37,12 +41,14 @@ from torch import Tensor, nn
 
 import gppf
 from gppf.bench.common import CLOCKS, Repeat, Stepper, dtype_name, interleaved_times, medians, peak_alloc_bytes, ratio
+from gppf.config import RouterConfig, TrainConfig
 from gppf.data.collate import Batch
 from gppf.engine.distributed import DistInfo, GradSync
 from gppf.engine.model import MultiTaskModel
 from gppf.engine.simt import SIMTStep, total_norm, written_grads
 from gppf.engine.weighting import StaticWeighting
 from gppf.lego.optim import LegoSGD, RowMasks
+from gppf.lego.router import route_churn
 
 VARIANTS = ("hard_sharing", "learned", "fixed", "shared_route")
 SMALL_DEFAULTS: dict[str, Any] = dict(tasks=2, batch=64, image_size=32, legos=8, active=2, classes=10)
@@ -50,7 +56,10 @@ SMALL_QUICK: dict[str, Any] = dict(tasks=2, batch=4, image_size=32, legos=4, act
 SGD_KERNELS: dict[str, dict[str, bool | None]] = {  # LegoSGD's kernel; "default": torch's choice (the fused kernel is what the trainer uses)
     "fused": dict(fused=True, foreach=None), "foreach": dict(fused=None, foreach=True),
     "default": dict(fused=None, foreach=None)}
-OPTIM: dict[str, Any] = dict(lr=0.01, momentum=0.9, weight_decay=1e-4, router_lr_mult=10.0, grad_clip=5.0)
+# the engine's defaults (``train.*``, ``model.router.router_lr_mult``): the router's learning rate sets how
+# often learned routes change, and with them how many skipped legos ``LegoSGD`` catches up per step
+OPTIM: dict[str, Any] = dict(lr=TrainConfig.lr, momentum=TrainConfig.momentum, weight_decay=TrainConfig.weight_decay,
+                             router_lr_mult=RouterConfig.router_lr_mult, grad_clip=TrainConfig.grad_clip)
 
 
 class PooledClassifier(nn.Module):
@@ -212,7 +221,12 @@ def run_small_regime(*, tasks: int, batch: int, image_size: int, legos: int, act
                                       active=active, classes=classes, sgd=sgd, clock=clock, device=device,
                                       amp_dtype=amp_dtype))
                 for v in VARIANTS}
-    samples = interleaved_times(steppers, repeats=repeats, warmup=warmup, clock=CLOCKS[clock])
+    router = steppers["learned"].step_fn.model.backbone.router
+    seen: list[dict[str, list[list[int]]]] = []  # the learned routes before each step (untimed)
+    samples = interleaved_times(steppers, repeats=repeats, warmup=warmup, clock=CLOCKS[clock],
+                                setup={"learned": lambda: seen.append(router.routes())})
+    seen.append(router.routes())
+    churn = [route_churn(a, b) for a, b in zip(seen[warmup:], seen[warmup + 1:])]
     med = medians(samples)
     optimizer_s = {v: s.step_fn.optimizer.medians(repeats) for v, s in steppers.items()}
     updated = {v: int(statistics.median(s.step_fn.optimizer.updated[-repeats:])) for v, s in steppers.items()}
@@ -226,6 +240,7 @@ def run_small_regime(*, tasks: int, batch: int, image_size: int, legos: int, act
         "learned_vs_hard_sharing_act_mem": ratio(mem["learned"], mem["hard_sharing"]),
         "median_step_s": med,
         "step_samples_s": samples,
+        "learned_route_churn": statistics.median(churn),
         "step_act_peak_bytes": mem,
         "median_optimizer_s": optimizer_s,
         "grad_pass_s": passes,
