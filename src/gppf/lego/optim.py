@@ -43,9 +43,9 @@ runs when a model is read):
   kernel, whose Nesterov update on a zero gradient is a 2x2 map with four free coefficients
   (:func:`map_as_sgd`; equal up to float rounding). Elsewhere (rows only another rank used, a whole
   update, ``flush``) and for maps the kernel cannot carry accurately, the map takes five elementwise
-  passes. (GPPF-R18 at 32 px with learned routes: 6.8 M elements caught up per step, 1.3 M with the
-  five passes, in 11.6 ms per step when rows two steps behind were replayed twice and every row
-  further behind took the five passes.) :meth:`LegoSGD.flush` catches up everything: the trainer
+  passes. (GPPF-R18 at 32 px, learned routes from fresh logits: 6.8 M elements caught up per step,
+  2.3 M of them one step behind, in 6.1 ms; 11.6 ms when rows two steps behind were replayed twice and
+  the 2.7 M further behind took the five passes.) :meth:`LegoSGD.flush` catches up everything: the trainer
   calls it on every rank before evaluation and checkpoints, so replicas stay bit-identical.
   Reading the model (``state_dict``, an eval forward) changes nothing; before ``flush`` it reads the
   deferred rows as they are (``pending`` says whether any are), and ``LegoSGD.state_dict()`` refuses.
