@@ -352,7 +352,7 @@ def test_lego_major_gather_by_index_select_equals_host_runs(cast):
     host = _lego_major_plan(stored, LegoIndex(torch.tensor([4, 1, 2]), 2), rows, (6, 10, 3, 3))
     # (lego run, row run) pairs: (first in the result, first stored, count)
     assert host.runs == [((0, 4, 1), (0, 4, 2)), ((0, 4, 1), (2, 0, 2)), ((1, 1, 2), (0, 4, 2)), ((1, 1, 2), (2, 0, 2))]
-    device = _LegoMajorPlan(host.idx_K, host.rows, None, host.out_shape, host.width, host.stored_rows)
+    device = _LegoMajorPlan(host.idx_K, rows.channels(), None, host.out_shape, host.width, host.stored_rows)
     for cl in (False, True):
         a = host.gather(stored, dtype=cast, channels_last=cl)
         b = device.gather(stored, dtype=cast, channels_last=cl)

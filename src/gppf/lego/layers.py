@@ -303,7 +303,7 @@ class _LegoMajorPlan:
     """
 
     idx_K: Tensor
-    rows: Tensor | None  # row (out-channel) indices; None: all
+    rows: Tensor | None  # row (out-channel) indices for the index_select path; None: all (or the host path)
     runs: list[tuple[Run, Run]] | None  # (lego run, row run) pairs (see ``_runs``); None: index_select
     out_shape: tuple[int, int, int, int]  # [R, k * w, kh, kw]
     width: int
@@ -345,12 +345,14 @@ def _lego_major_plan(stored: Tensor, cols: LegoIndex, rows: Index | None,
                      shape: tuple[int, int, int, int]) -> _LegoMajorPlan:
     """The plan for in-channel legos ``cols`` and rows ``rows`` of a lego-major weight of ``shape``."""
     o, _, kh, kw = shape
-    row_ch = None if rows is None else _channels(rows)
-    runs = None
+    row_ch, runs = None, None
     if stored.device.type == "cpu" and not isinstance(rows, Tensor):
         row_runs = _runs(rows, o)
         runs = [(c, r) for c in _runs(LegoIndex(cols.idx_K, 1), stored.shape[0]) for r in row_runs]
-    n_rows = o if row_ch is None else row_ch.numel()
+        n_rows = sum(n for _, _, n in row_runs)  # (the runs path needs no channel index tensor)
+    else:
+        row_ch = None if rows is None else _channels(rows)
+        n_rows = o if row_ch is None else row_ch.numel()
     return _LegoMajorPlan(cols.idx_K, row_ch, runs, (n_rows, cols.idx_K.numel() * cols.width, kh, kw), cols.width, o)
 
 
