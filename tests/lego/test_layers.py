@@ -367,6 +367,39 @@ def test_lego_major_gather_by_index_select_equals_host_runs(cast):
     assert grads[0][[1, 2, 4]][:, [0, 1, 4, 5]].abs().min() > 0
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+def test_block_views_address_views_with_a_storage_offset(channels_last):
+    """The gathers' ``as_strided`` block views honour the tensor's storage offset and strides: a
+    weight and gradient that are views into larger tensors (and a non-dense gradient) gather and
+    accumulate exactly like index_select / index_add, and nothing outside the view is touched."""
+    from gppf.lego.layers import _block_plan, _lego_major_plan, _LegoMajorPlan
+
+    torch.manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    fmt3d = torch.channels_last_3d if channels_last else torch.contiguous_format  # base[1]: permuted strides
+    base = torch.randn(2, 8, 12, 3, 3).contiguous(memory_format=fmt3d)
+    full, rows, cols = base[1], LegoIndex(torch.tensor([3, 0]), 2), LegoIndex(torch.tensor([1, 2]), 3)
+    assert full.storage_offset() > 0
+    plan = _block_plan(full.shape, rows, cols, full.device)
+    ref = full.index_select(0, rows.channels()).index_select(1, cols.channels())
+    assert torch.equal(plan.gather(full, channels_last=channels_last), ref)
+    grad_base = torch.zeros(2, 8, 12, 3, 3).contiguous(memory_format=fmt3d)
+    g = torch.randn(4, 6, 3, 3).contiguous(memory_format=fmt)
+    plan.accumulate(grad_base[1], g)
+    expect = torch.zeros(8, 12, 3, 3).index_put_((rows.channels()[:, None], cols.channels()[None, :]), g)
+    assert torch.equal(grad_base[1], expect) and grad_base[0].abs().sum() == 0
+
+    stored_base = torch.randn(3, 5, 6, 3 * 3 * 2)
+    stored, lrows = stored_base[1], LegoIndex(torch.tensor([2, 0]), 2)
+    host = _lego_major_plan(stored, LegoIndex(torch.tensor([4, 1, 2]), 2), lrows, (6, 10, 3, 3))
+    device = _LegoMajorPlan(host.idx_K, lrows.channels(), None, host.out_shape, host.width, host.stored_rows)
+    assert torch.equal(host.gather(stored, channels_last=channels_last), device.gather(stored, channels_last=channels_last))
+    grads = [torch.zeros(3, 5, 6, 18), torch.zeros(3, 5, 6, 18)]
+    g = torch.randn(1, 6, 1, 3).expand(4, 6, 3, 3)  # a non-dense gradient (as autograd may pass)
+    host.accumulate(grads[0][1], g), device.accumulate(grads[1][1], g)
+    assert torch.equal(grads[0], grads[1]) and grads[0][1].abs().sum() > 0 and grads[0][[0, 2]].abs().sum() == 0
+
+
 def test_lego_major_conv_loads_either_state_dict_form_and_refuses_channel_indices():
     torch.manual_seed(0)
     plain = LegoConv2d(in_channels=8, out_channels=3, kernel_size=3, padding=1)

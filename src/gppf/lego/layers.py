@@ -224,6 +224,16 @@ def _runs(index: LegoIndex | None, size: int) -> list[Run]:
     return runs
 
 
+def _block(t: Tensor, starts: tuple[int, ...], sizes: tuple[int, ...],
+           strides: tuple[int, ...] | None = None) -> Tensor:
+    """``t[s0:s0 + n0, s1:s1 + n1, ...]`` over its leading dims as one ``as_strided`` view (``strides``:
+    of another view of ``t``'s memory, e.g. a permutation). A Python slice per dim (and the permuted
+    view under it) costs a dispatch each; a lego gather takes one block per run pair, forward and back."""
+    st = t.stride() if strides is None else strides
+    return t.as_strided((*sizes, *t.shape[len(sizes):]) if strides is None else sizes, st,
+                        t.storage_offset() + sum(a * b for a, b in zip(starts, st)))
+
+
 @dataclass(frozen=True)
 class _BlockPlan:
     """A gather of whole lego blocks on the host: one strided ``copy_`` per (row run, column run).
@@ -231,33 +241,30 @@ class _BlockPlan:
     Each copy also casts (e.g. to the autocast dtype) and lays the result out as asked (channels_last
     for a convolution fed channels_last), so a routed weight costs one pass over the selected
     elements, as the cast of a dense weight does; the backward adds each gradient block into the
-    full-size ``.grad`` in one pass (with the dtype promotion), without temporaries.
+    full-size ``.grad`` (a bf16 block is cast to float32 inside ``add_``, as autograd casts a dense
+    weight's gradient before accumulating it). Each block is one ``as_strided`` view (``_block``).
     """
 
     row_runs: list[Run]
     col_runs: list[Run] | None  # None: a 1-D tensor
     out_shape: tuple[int, ...]
 
-    def _pairs(self) -> list[tuple[tuple[slice, ...], tuple[slice, ...]]]:
-        pairs = []
-        for dr, sr, nr in self.row_runs:
-            for dc, sc, nc in self.col_runs or [(0, 0, 0)]:
-                if self.col_runs is None:
-                    pairs.append(((slice(dr, dr + nr),), (slice(sr, sr + nr),)))
-                else:
-                    pairs.append(((slice(dr, dr + nr), slice(dc, dc + nc)), (slice(sr, sr + nr), slice(sc, sc + nc))))
-        return pairs
+    def _pairs(self) -> list[tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+        """``(gathered starts, full starts, sizes)`` of each block over the leading one or two dims."""
+        if self.col_runs is None:
+            return [((dr,), (sr,), (nr,)) for dr, sr, nr in self.row_runs]
+        return [((dr, dc), (sr, sc), (nr, nc)) for dr, sr, nr in self.row_runs for dc, sc, nc in self.col_runs]
 
     def gather(self, full: Tensor, *, dtype: torch.dtype | None = None, channels_last: bool = False) -> Tensor:
         fmt = torch.channels_last if channels_last and len(self.out_shape) == 4 else torch.contiguous_format
         out = torch.empty(self.out_shape, dtype=dtype or full.dtype, device=full.device, memory_format=fmt)
-        for dst, src in self._pairs():
-            out[dst].copy_(full[src])
+        for dst, src, sizes in self._pairs():
+            _block(out, dst, sizes).copy_(_block(full, src, sizes))
         return out
 
     def accumulate(self, full_grad: Tensor, grad: Tensor) -> None:
-        for dst, src in self._pairs():
-            full_grad[src].add_(grad[dst])
+        for dst, src, sizes in self._pairs():
+            _block(full_grad, src, sizes).add_(_block(grad, dst, sizes))
 
 
 def _block_plan(shape: torch.Size, rows: Index | None, cols: Index | None, device: torch.device) -> _BlockPlan | None:
@@ -299,7 +306,8 @@ class _LegoMajorPlan:
     blocks and a channels_last result is written in runs of ``w`` within its own (small) memory: on CPU
     about 3x faster than reading runs of ``w`` in-channels out of every ``[kh, kw]`` row of all ``N``
     legos of a channels_last ``[O, kh, kw, N * w]`` weight (``docs/benchmarks.md``). On the host one
-    ``copy_`` per (run of consecutive legos, run of rows); elsewhere one ``index_select`` (no host sync).
+    ``copy_`` per (run of consecutive legos, run of rows), each between two ``as_strided`` views; elsewhere
+    one ``index_select`` (no host sync).
     """
 
     idx_K: Tensor
@@ -313,6 +321,20 @@ class _LegoMajorPlan:
         """``[k, R, kh, kw, w]`` view of a gathered ``[R, k * w, kh, kw]`` tensor (any layout)."""
         return t.unflatten(1, (-1, self.width)).permute(1, 0, 3, 4, 2)
 
+    def _block_strides(self, gathered: Tensor, stored: Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Strides of ``_blocks(gathered)`` and ``_stored(stored)`` (for ``_block``: one view per run pair)."""
+        s0, s1, s2, s3 = gathered.stride()
+        a, b, c = stored.stride()
+        kw, w = self.out_shape[3], self.width
+        return (w * s1, s0, s2, s3, s1), (a, b, kw * w * c, w * c, c)
+
+    def _run_pairs(self, gathered: Tensor, stored: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """``(block of gathered, block of stored)`` views of each (lego run, row run) (the host path)."""
+        g_st, s_st = self._block_strides(gathered, stored)
+        tail = (*self.out_shape[2:], self.width)
+        return [(_block(gathered, (d, dr), (n, nr, *tail), g_st), _block(stored, (s, sr), (n, nr, *tail), s_st))
+                for (d, s, n), (dr, sr, nr) in self.runs or []]
+
     def _stored(self, full: Tensor) -> Tensor:
         return full.view(-1, self.stored_rows, *self.out_shape[2:], self.width)
 
@@ -324,21 +346,21 @@ class _LegoMajorPlan:
     def gather(self, full: Tensor, *, dtype: torch.dtype | None = None, channels_last: bool = False) -> Tensor:
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         out = torch.empty(self.out_shape, dtype=dtype or full.dtype, device=full.device, memory_format=fmt)
-        dst, src = self._blocks(out), self._stored(full)
         if self.runs is None:
+            dst, src = self._blocks(out), self._stored(full)
             picked = full.view(-1, full.shape[-1]).index_select(0, self._cells())
             dst.copy_(picked.view(dst.shape[:2] + src.shape[2:]))
-        for (d, s, n), (dr, sr, nr) in self.runs or []:
-            dst[d:d + n, dr:dr + nr].copy_(src[s:s + n, sr:sr + nr])
+        for dst_block, src_block in self._run_pairs(out, full):
+            dst_block.copy_(src_block)
         return out
 
     def accumulate(self, full_grad: Tensor, grad: Tensor) -> None:
-        src, dst = self._blocks(grad), self._stored(full_grad)
         if self.runs is None:
             flat_grad = full_grad.view(-1, full_grad.shape[-1])
+            src = self._blocks(grad)
             flat_grad.index_add_(0, self._cells(), src.reshape(-1, flat_grad.shape[-1]).to(flat_grad.dtype))
-        for (d, s, n), (dr, sr, nr) in self.runs or []:
-            dst[s:s + n, sr:sr + nr].add_(src[d:d + n, dr:dr + nr])
+        for grad_block, full_block in self._run_pairs(grad, full_grad):
+            full_block.add_(grad_block)
 
 
 def _lego_major_plan(stored: Tensor, cols: LegoIndex, rows: Index | None,
