@@ -413,3 +413,28 @@ def test_lego_major_conv_loads_either_state_dict_form_and_refuses_channel_indice
     torch.testing.assert_close(major(x), F.conv2d(x, plain.weight, padding=1), rtol=0, atol=0)  # no route: dense
     with pytest.raises(ValueError, match="whole in-channel legos"):
         major(x[:, :4], in_idx=LegoIndex(torch.tensor([0, 1]), 2).channels())
+
+
+def test_bn_affine_gradient_is_dense_bn_gradient_at_the_selected_channels():
+    """A routed BN's weight/bias gradient (plain autograd) is the dense BN's at the selected channels
+    (gate folded in), adds onto an existing gradient there, and leaves the other channels' as they were."""
+    torch.manual_seed(0)
+    bn = LegoBatchNorm2d(8)
+    torch.nn.init.uniform_(bn.weight)
+    torch.nn.init.uniform_(bn.bias)
+    idx = LegoIndex(torch.tensor([3, 1]), 2)  # channels 6, 7, 2, 3
+    ch = idx.channels()
+    dense = torch.nn.BatchNorm2d(4)
+    dense.load_state_dict({"weight": bn.weight[ch], "bias": bn.bias[ch]}, strict=False)
+    before_w, before_b = torch.randn(8), torch.randn(8)
+    bn.weight.grad, bn.bias.grad = before_w.clone(), before_b.clone()
+    x = torch.randn(4, 4, 5, 5)
+    gate = torch.tensor([1.0, 1.0, 1.0, 1.0], requires_grad=True)
+    (bn(x, idx=idx, gate=gate) * x).sum().backward()
+    (dense(x) * x).sum().backward()
+    others = torch.tensor([0, 1, 4, 5])
+    for name, before in (("weight", before_w), ("bias", before_b)):
+        grad = getattr(bn, name).grad
+        torch.testing.assert_close(grad[ch], before[ch] + getattr(dense, name).grad)
+        assert torch.equal(grad[others], before[others])
+    assert gate.grad is not None and gate.grad.abs().sum() > 0

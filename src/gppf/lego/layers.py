@@ -10,6 +10,8 @@ gradient of the gathered (task-size) weight directly into the persistent full-si
 the selected rows/columns (created as zeros, with the parameter's strides, if ``None``) and hands
 autograd no gradient for the parameter. No full-size temporary is allocated and the cost is O(k) per
 step, not O(N); unselected legos keep exactly their previous gradient (zero after ``zero_grad``).
+(``LegoBatchNorm2d``'s affine parameters, ``N * w`` values each, take plain autograd instead: there a
+full-size gradient costs less than the autograd function.)
 Several backward passes in one step (one per task, then router losses) accumulate as usual, and
 under autocast the accumulated gradient keeps the parameter's dtype. Consequences:
 
@@ -636,7 +638,9 @@ class LegoBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x_BCHW: Tensor, *, idx: Index | None = None, gate: Tensor | None = None) -> Tensor:  # type: ignore[override]
         if idx is None and gate is None:
             return super().forward(x_BCHW)
-        weight, bias = lego_gather(self.weight, idx), lego_gather(self.bias, idx)
+        ch = None if idx is None else _channels(idx)
+        weight, bias = ((self.weight, self.bias) if ch is None
+                        else (self.weight.index_select(0, ch), self.bias.index_select(0, ch)))
         if gate is not None:
             weight, bias = weight * gate, bias * gate
         use_batch_stats = self.training or self.running_mean is None
@@ -645,7 +649,6 @@ class LegoBatchNorm2d(nn.BatchNorm2d):
                 x_BCHW, self.running_mean, self.running_var, weight, bias,
                 use_batch_stats, self.momentum or 0.0, self.eps,
             )
-        ch = _channels(idx)
         mean_C = self.running_mean.index_select(0, ch)
         var_C = self.running_var.index_select(0, ch)
         out = F.batch_norm(
@@ -656,3 +659,8 @@ class LegoBatchNorm2d(nn.BatchNorm2d):
                 self.running_mean.index_copy_(0, ch, mean_C)
                 self.running_var.index_copy_(0, ch, var_C)
         return out
+
+    The affine parameters are gathered with plain autograd (``index_select``), not ``lego_gather``: they
+    are ``N * w`` values, so a full-size gradient costs less than the Python autograd function of an
+    in-place accumulation (GPPF-R18, two tasks: 32 such functions per step, about 100 us each).
+    Unselected channels get a zero gradient, which leaves them as they were.
