@@ -208,6 +208,41 @@ def test_step_writes_only_the_used_rows() -> None:
     torch.testing.assert_close(conv.weight[~used], expected[~used])
 
 
+def test_step_writes_only_the_used_cells_of_a_lego_major_weight() -> None:
+    """A lego-major weight routed on both sides, declared by cells: a step (and its ``zero_grad``)
+    touches only the (in lego, out lego) blocks its route reads; a flush then equals SGD."""
+    torch.manual_seed(0)
+    convs = [LegoConv2d(in_channels=8, out_channels=8, kernel_size=3, padding=1, in_legos=4) for _ in range(2)]
+    convs[1].load_state_dict(convs[0].state_dict())
+    lazy, ref = convs
+    hyper = dict(lr=0.1, momentum=0.9, weight_decay=0.1, nesterov=True)
+    decl = LegoRows(param=lazy.weight, point=0, width=1, legos=4, cell_point=1, cell_width=2)
+    opt, o_ref = LegoSGD([lazy.weight], lego_params=[decl], **hyper), torch.optim.SGD([ref.weight], **hyper)
+    x = torch.randn(2, 4, 6, 6)
+    for step, (ins, outs) in enumerate([([1, 3], [0, 2]), ([1, 3], [0, 2]), ([0, 3], [2, 1])]):
+        route = torch.tensor([ins, outs])
+        used = torch.from_numpy(rows_used([decl], [route])[lazy.weight]).view(4, 8)  # [in lego, out channel]
+        before = lazy.weight.detach().clone()
+        for conv, o in ((lazy, opt), (ref, o_ref)):
+            o.zero_grad(set_to_none=False)
+            if o is opt:
+                opt.prepare(rows_used([decl], [route]))
+            out = conv(x, in_idx=LegoIndex(route[0], 2), out_idx=LegoIndex(route[1], 2))
+            out.square().sum().backward()
+            o.step()
+        changed = (lazy.weight != before).any(-1)
+        if step < 2:  # (the third route's cell (3, out lego 2) was used before: it is also caught up)
+            assert torch.equal(changed, used)  # 4 of the 16 blocks read and written
+        assert torch.equal(changed & used, used) and (~changed).sum() >= 8
+    opt.zero_grad(set_to_none=False)
+    assert not lazy.weight.grad.any()  # zero_grad cleared exactly the cells the backwards wrote
+    assert opt.pending
+    opt.flush()
+    torch.testing.assert_close(lazy.weight, ref.weight, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(opt.state[lazy.weight]["momentum_buffer"], o_ref.state[ref.weight]["momentum_buffer"],
+                               atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("dim", [0, 1], ids=["rows", "columns"])
 def test_channels_last_lego_weight_is_updated_on_its_own_memory_runs(dim: int) -> None:
     """A channels_last lego weight (gppf's default layout): the written gradient regions are its
@@ -407,13 +442,18 @@ def test_declared_rows_are_exactly_where_routes_put_gradient(name: str) -> None:
     used = rows_used(bb.lego_rows(), [route.idx_LK])
     dims = {d.dim for d in bb.lego_rows()}  # ViT: rows and columns; ResNets: columns stored lego-major, as rows
     assert dims == ({0, 1} if name == "gppf_vit_tiny" else {0})
+    cells = [d for d in bb.lego_rows() if d.cell_point is not None]  # R50's conv2: (in lego, out channel) cells
+    assert len(cells) == (16 if name == "gppf_r50" else 0)
     for p, mask_R in used.items():
         d = next(d for d in bb.lego_rows() if d.param is p)
-        grad = p.grad.movedim(d.dim, 0).reshape(p.shape[d.dim], -1).abs().sum(1)  # per channel along dim
+        grad = p.grad.movedim(d.dim, 0).reshape(d.units, -1).abs().sum(1)  # per channel (or cell) along dim
         assert 0 < mask_R.sum() < mask_R.size
-        assert not grad[torch.from_numpy(~mask_R)].any()  # no gradient outside the declared channels
-        per_lego = grad.reshape(d.copies, d.legos, d.width).sum((0, 2))  # each used lego got some gradient
+        assert not grad[torch.from_numpy(~mask_R)].any()  # no gradient outside the declared channels / cells
+        per_lego = grad.reshape(d.copies, d.legos, d.width, -1).sum((0, 2, 3))  # each used lego got some gradient
         assert (per_lego[route.idx_LK[d.point]] > 0).all()
+        if d.cell_point is not None:  # a route uses k x k of the N x N lego blocks (each cell: some gradient)
+            assert mask_R.sum() == route.idx_LK.shape[1] ** 2 * d.cell_width
+            assert (grad[torch.from_numpy(mask_R)] > 0).all()
 
 
 def test_declaring_the_whole_parameter_used_updates_it_whole() -> None:
@@ -531,6 +571,31 @@ def test_rows_used_maps_routes_to_rows_of_each_copy() -> None:
     opt = LegoSGD([w], lr=0.1, lego_params=[w])
     with pytest.raises(ValueError, match="row mask"):
         opt.prepare({w: np.ones(5, dtype=bool)})
+
+
+def test_rows_used_maps_routes_to_cells_of_both_sides() -> None:
+    """A lego-major ``[N, O, inner]`` weight declared by cells: a route uses its own (in lego, out
+    channel) pairs, not the product of the union over routes."""
+    w = nn.Parameter(torch.zeros(4, 3 * 2, 5))  # 4 in-legos (rows); 3 out-legos of 2 channels
+    decl = LegoRows(param=w, point=0, width=1, legos=4, cell_point=1, cell_width=2)
+    assert decl.units == 24
+    routes = [torch.tensor([[0, 2], [1, 1]]), torch.tensor([[3, 3], [0, 2]])]  # (in legos, out legos)
+    used = rows_used([decl], routes)[w]
+    expected = {r * 6 + o * 2 + j for r, o in ((0, 1), (2, 1), (3, 0), (3, 2)) for j in range(2)}
+    assert np.flatnonzero(used).tolist() == sorted(expected)  # not (1, 0) or (0, 0): no route reads them
+    with pytest.raises(ValueError, match="cells"):
+        LegoRows(param=w, point=0, width=1, legos=4, cell_point=1, cell_width=4)  # 6 channels: not legos of 4
+    with pytest.raises(ValueError, match="cells"):
+        LegoRows(param=nn.Parameter(torch.zeros(6, 4, 5).transpose(0, 1)), point=0, width=1, legos=4,
+                 cell_point=1, cell_width=2)  # not contiguous
+    rows = LegoRows(param=w, point=0, width=1, legos=4)
+    with pytest.raises(ValueError, match="by rows and by cells"):
+        rows_used([decl, rows], routes)
+    with pytest.raises(ValueError, match="by rows and by cells"):
+        LegoSGD([w], lr=0.1, lego_params=[decl, rows])
+    opt = LegoSGD([w], lr=0.1, lego_params=[decl])
+    with pytest.raises(ValueError, match=r"row mask of shape \(24,\)"):
+        opt.prepare({w: np.ones(4, dtype=bool)})
 
 
 def test_lazy_off_and_undeclared_parameters_are_plain_sgd() -> None:

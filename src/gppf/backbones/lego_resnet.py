@@ -47,14 +47,16 @@ class _LegoBlock(nn.Module):
         """Routed parameters: conv ``i`` and BN ``i`` rows are legos of routing point ``point + i - 1``;
         the in-channels of conv ``i > 1`` are legos of point ``point + i - 2``. A conv whose in-channels
         are legos is stored lego-major when ``N > k`` (``LegoConv2d(in_legos=N)``, one row per in-channel
-        lego): its in-channel legos are declared (the bottleneck ``conv2``, routed on both sides, is then
-        updated on all rows of the legos it reads, which is exact). Otherwise the last conv declares its
-        columns and the bottleneck ``conv2`` its rows."""
+        lego): its in-channel legos are declared, and for the bottleneck ``conv2``, routed on both
+        sides, its (in-channel lego, out-channel) cells (``LegoRows.cell_point``: an optimizer then
+        touches the ``k x k`` lego blocks a route reads, not ``k x N``). Otherwise the last conv declares
+        its columns and the bottleneck ``conv2`` its rows."""
         out = []
         for i in range(1, self.route_points + 2):
             conv = getattr(self, f"conv{i}")
             if conv.in_legos is not None:
-                out.append(LegoRows(param=conv.weight, point=point + i - 2, width=1, legos=self.legos))
+                cells = dict(cell_point=point + i - 1, cell_width=self.lego_width) if i <= self.route_points else {}
+                out.append(LegoRows(param=conv.weight, point=point + i - 2, width=1, legos=self.legos, **cells))
             elif i > self.route_points:  # the last conv: its in-channels (columns) are legos
                 out.append(LegoRows(param=conv.weight, point=point + i - 2, width=self.lego_width,
                                     legos=self.legos, dim=1))

@@ -37,8 +37,9 @@ under autocast the accumulated gradient keeps the parameter's dtype. Consequence
 
 Which parameters are lego parameters is declared, not registered: a model lists its routed
 parameters as :class:`LegoRows` (parameter, routing point, lego width, number of legos, copies, and
-the routed dim: 0 for rows, 1 for columns), and :func:`rows_used` turns the routes a step runs into
-the rows (or columns) of each such parameter those routes read and write. That is the whole link between a training step and a lazy optimizer
+the routed dim: 0 for rows, 1 for columns; or (row, column) cells of a weight routed on both sides), and
+:func:`rows_used` turns the routes a step runs into the rows (columns, cells) of each such parameter
+those routes read and write. That is the whole link between a training step and a lazy optimizer
 (``gppf.lego.optim.LegoSGD``): this module imports no optimizer, a gather never changes a weight,
 and nothing here keeps state between calls.
 """
@@ -80,7 +81,12 @@ class LegoRows:
     ``(idx_K + c * legos) * width + [0, width)`` of every block ``c`` along ``dim``, and no others.
     Models list these (``LegoBackbone.lego_rows()``); parameters that are not listed are dense (every
     channel used). A parameter routed on both sides (rows and columns) is declared once, by its rows:
-    a row a route uses is then updated whole, which is exact.
+    a row a route uses is then updated whole, which is exact; or, where its dim 1 follows dim 0 in
+    memory (a lego-major ``[N, O, kh * kw * w]`` weight), by *cells*: ``cell_point`` / ``cell_width``
+    say that dim 1 is lego channels too, of ``cell_width`` channels chosen at routing point
+    ``cell_point``, and the declared units are then the ``shape[0] * shape[1]`` (row, dim-1 channel)
+    pairs, each a contiguous stretch of memory: a route uses the pairs of its own legos on both sides,
+    so an optimizer touches ``k * k`` of the ``N * N`` lego blocks a route reads, not ``k * N``.
     """
 
     param: nn.Parameter
@@ -89,6 +95,8 @@ class LegoRows:
     legos: int
     copies: int = 1
     dim: int = 0
+    cell_point: int | None = None
+    cell_width: int = 1
 
     def __post_init__(self) -> None:
         if self.dim not in (0, 1) or self.param.dim() <= self.dim:
@@ -96,16 +104,33 @@ class LegoRows:
         if self.param.shape[self.dim] != self.copies * self.legos * self.width:
             raise ValueError(f"a lego parameter of shape {tuple(self.param.shape)} does not have "
                              f"{self.copies} x {self.legos} legos x {self.width} channels along dim {self.dim}")
+        if self.cell_point is not None and (self.dim != 0 or self.param.dim() < 2 or not self.param.is_contiguous()
+                                            or self.param.shape[1] % self.cell_width):
+            raise ValueError(f"cells of a lego parameter of shape {tuple(self.param.shape)}: need rows (dim 0), a "
+                             f"contiguous tensor and dim 1 made of legos of {self.cell_width} channels")
+
+    @property
+    def units(self) -> int:
+        """How many units an optimizer tracks: channels along ``dim``, or (row, dim-1 channel) cells."""
+        return self.param.shape[0] * self.param.shape[1] if self.cell_point is not None else self.param.shape[self.dim]
 
     def rows(self, idx_K: np.ndarray) -> np.ndarray:
         """Channel indices along ``dim`` read by a route that picks legos ``idx_K`` (host ``int`` array)."""
         ids = (idx_K[None, :] + self.legos * np.arange(self.copies)[:, None]).reshape(-1)
         return (ids[:, None] * self.width + np.arange(self.width)[None, :]).reshape(-1)
 
+    def used(self, idx_LK: np.ndarray) -> np.ndarray:
+        """Units (``units``) read by the route ``idx_LK`` (legos per routing point; host ``int`` array)."""
+        rows = self.rows(idx_LK[self.point])
+        if self.cell_point is None:
+            return rows
+        cols = (idx_LK[self.cell_point][:, None] * self.cell_width + np.arange(self.cell_width)[None, :]).reshape(-1)
+        return (rows[:, None] * self.param.shape[1] + cols[None, :]).reshape(-1)
+
 
 def rows_used(declared: Iterable[LegoRows], routes_idx_LK: Iterable[Tensor]) -> dict[Tensor, np.ndarray]:
-    """Per declared parameter, the ``bool`` mask (along its declared ``dim``) of the channels that any
-    of these routes (``idx_LK``) uses.
+    """Per declared parameter, the ``bool`` mask of its units (``LegoRows.units``: channels along its
+    declared ``dim``, or cells) that any of these routes (``idx_LK``) uses.
 
     One host copy per route (a device sync per route on a GPU); a parameter declared twice gets the
     union of its masks (declaring one parameter along two dims raises).
@@ -119,9 +144,11 @@ def rows_used(declared: Iterable[LegoRows], routes_idx_LK: Iterable[Tensor]) -> 
                              "declare its rows only")
         mask_R = used.get(d.param)
         if mask_R is None:
-            mask_R = used[d.param] = np.zeros(d.param.shape[d.dim], dtype=bool)
+            mask_R = used[d.param] = np.zeros(d.units, dtype=bool)
+        elif mask_R.size != d.units:
+            raise ValueError(f"a parameter of shape {tuple(d.param.shape)} is declared by rows and by cells")
         for idx_LK in host:
-            mask_R[d.rows(idx_LK[d.point])] = True
+            mask_R[d.used(idx_LK)] = True
     return used
 
 
@@ -633,6 +660,11 @@ class LegoBatchNorm2d(nn.BatchNorm2d):
     Running statistics of the selected channels are updated in place; others are untouched. The
     straight-through router gate is folded into the gathered affine parameters (value 1), so it costs
     no activation memory or elementwise pass.
+
+    The affine parameters are gathered with plain autograd (``index_select``), not ``lego_gather``: they
+    are ``N * w`` values, so a full-size gradient costs less than the Python autograd function of an
+    in-place accumulation (GPPF-R18, two tasks: 32 such functions per step, about 100 us each).
+    Unselected channels get a zero gradient, which leaves them as they were.
     """
 
     def forward(self, x_BCHW: Tensor, *, idx: Index | None = None, gate: Tensor | None = None) -> Tensor:  # type: ignore[override]
@@ -659,8 +691,3 @@ class LegoBatchNorm2d(nn.BatchNorm2d):
                 self.running_mean.index_copy_(0, ch, mean_C)
                 self.running_var.index_copy_(0, ch, var_C)
         return out
-
-    The affine parameters are gathered with plain autograd (``index_select``), not ``lego_gather``: they
-    are ``N * w`` values, so a full-size gradient costs less than the Python autograd function of an
-    in-place accumulation (GPPF-R18, two tasks: 32 such functions per step, about 100 us each).
-    Unselected channels get a zero gradient, which leaves them as they were.

@@ -9,9 +9,10 @@ The contract (all state lives in the optimizer instance; nothing is registered g
 runs when a model is read):
 
 * ``LegoSGD(params, lego_params=...)``: the lego parameters as a model declares them
-  (``gppf.lego.layers.LegoRows``: rows, dim 0, or columns, dim 1, are lego channels; a bare tensor
-  means rows). Every other parameter is plain SGD. Below, "rows" are the lego channels along the
-  declared dim.
+  (``gppf.lego.layers.LegoRows``: rows, dim 0, or columns, dim 1, are lego channels, or the
+  (row, dim-1 channel) cells of a contiguous weight routed on both sides; a bare tensor means rows).
+  Every other parameter is plain SGD. Below, "rows" are the lego channels along the declared dim, or
+  the cells (each a contiguous stretch of memory, handled as a row).
 * Each step, **before its forward**, the training step calls :meth:`LegoSGD.prepare` with the rows
   of each lego parameter that the step's routes use (``gppf.lego.layers.rows_used``; ``None``: the
   whole parameter). ``prepare`` brings exactly those rows up to date, so the forward reads current
@@ -163,11 +164,12 @@ def flat(t: Tensor) -> Tensor:
     return _lanes(t, 0).view(-1)
 
 
-def _views(t: Tensor, runs: list[tuple[int, int]], dim: int = 0) -> list[Tensor]:
+def _views(t: Tensor, runs: list[tuple[int, int]], dim: int = 0, cells: bool = False) -> list[Tensor]:
     """Runs of a dense ``t`` along ``dim`` in memory order: where ``dim`` is outermost in memory (rows
     of a contiguous or channels_last weight) each run is one contiguous 1-D view; otherwise (columns)
-    a 2-D strided view ``[outer, run * inner]`` whose rows are contiguous."""
-    lanes = _lanes(t, dim)
+    a 2-D strided view ``[outer, run * inner]`` whose rows are contiguous. ``cells``: runs of the
+    ``shape[0] * shape[1]`` (row, dim-1 channel) cells of a contiguous ``t`` (``LegoRows.cell_point``)."""
+    lanes = t.view(1, t.shape[0] * t.shape[1], -1) if cells else _lanes(t, dim)
     if lanes.shape[0] == 1:
         return [lanes[0, r0:r1].reshape(-1) for r0, r1 in runs]
     return [lanes[:, r0:r1].reshape(lanes.shape[0], -1) for r0, r1 in runs]
@@ -239,9 +241,9 @@ class _LazyCells:
     buffer (contiguous row runs, strided column runs), so nothing is gathered or copied.
     """
 
-    def __init__(self, param: Tensor, *, clock: _Clock, state: dict, dim: int = 0) -> None:
-        self.param, self.clock, self.state, self.dim = param, clock, state, dim
-        self.rows = param.shape[dim]
+    def __init__(self, param: Tensor, *, clock: _Clock, state: dict, dim: int = 0, cells: bool = False) -> None:
+        self.param, self.clock, self.state, self.dim, self.cells = param, clock, state, dim, cells
+        self.rows = param.shape[0] * param.shape[1] if cells else param.shape[dim]
         self.synced_R = np.full(self.rows, clock.t, dtype=np.int64)  # the step each row is at
         self.used_R = np.zeros(self.rows, dtype=bool)  # rows prepared for the coming step()
         self.dirty_R = np.zeros(self.rows, dtype=bool)  # rows whose .grad may be non-zero (since zero_grad)
@@ -308,10 +310,10 @@ class _LazyCells:
         last ``runs()`` are remembered per tensor (the views keep its memory alive, so an address names
         one tensor: parameter, gradient or momentum buffer)."""
         if runs is not self._last_runs[1]:
-            return _views(t, runs, self.dim)
+            return _views(t, runs, self.dim, self.cells)
         out = self._last_views.get(t.data_ptr())
         if out is None:
-            out = self._last_views[t.data_ptr()] = _views(t, runs, self.dim)
+            out = self._last_views[t.data_ptr()] = _views(t, runs, self.dim, self.cells)
         return out
 
     def prepare(self, mask_R: np.ndarray | None, *, replay: _Replay | None = None) -> None:
@@ -367,14 +369,17 @@ class RowOptimizer(Protocol):
     def grad_regions(self, param: Tensor) -> list[Tensor] | None: ...
 
 
-def _declared_dims(lego_params: Iterable[Tensor | LegoRows]) -> dict[int, int]:
-    """``id(param) -> lego dim`` of declarations (``LegoRows``) or bare tensors (rows)."""
-    dims: dict[int, int] = {}
+def _declared_dims(lego_params: Iterable[Tensor | LegoRows]) -> dict[int, tuple[int, bool]]:
+    """``id(param) -> (lego dim, by cells)`` of declarations (``LegoRows``) or bare tensors (rows)."""
+    dims: dict[int, tuple[int, bool]] = {}
     for d in lego_params:
-        p, dim = (d, 0) if isinstance(d, Tensor) else (d.param, d.dim)
-        if dims.setdefault(id(p), dim) != dim:
+        p, dim = (d, (0, False)) if isinstance(d, Tensor) else (d.param, (d.dim, d.cell_point is not None))
+        seen = dims.setdefault(id(p), dim)
+        if seen[0] != dim[0]:
             raise ValueError(f"a parameter of shape {tuple(p.shape)} is declared along dims 0 and 1: "
                              "declare its rows only")
+        if seen != dim:
+            raise ValueError(f"a parameter of shape {tuple(p.shape)} is declared by rows and by cells: declare it once")
     return dims
 
 
@@ -412,9 +417,9 @@ class LegoSGD(torch.optim.Optimizer):
         for group, clock in zip(self.param_groups, self._clocks):
             for p in group["params"]:
                 wanted = lazy if lazy is not None else p.device.type == "cpu"
-                dim = declared.get(id(p))
+                dim, cells = declared.get(id(p), (None, False))
                 if wanted and dim is not None and p.dim() > dim and memory_order(p) is not None:
-                    self._cells[id(p)] = _LazyCells(p, clock=clock, state=self.state[p], dim=dim)
+                    self._cells[id(p)] = _LazyCells(p, clock=clock, state=self.state[p], dim=dim, cells=cells)
         self._prepared = False
 
     @property
