@@ -114,7 +114,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     warmup_steps: int = 50
-    grad_clip: float = 5.0
+    grad_clip: float = 5.0  # max norm of the network's gradient (router logits excluded; 0: off)
     loss_weighting: str = "static"
     seed: int = 0
     amp: Literal["auto", "bf16", "none"] = "auto"  # auto: bf16 where the device computes it natively

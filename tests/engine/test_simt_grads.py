@@ -148,3 +148,50 @@ def test_simt_step_reports_the_norm_and_clips_like_clip_grad_norm(tmp_path, tiny
     scale = (norm / 3) / (norm + 1e-6)
     for g, c in zip(grads, clipped):
         torch.testing.assert_close(c, g * scale, rtol=1e-4, atol=1e-9)
+
+
+def _learning_route_step(run_dir, tiny_cfg, clip: float) -> tuple[float, list[torch.Tensor], torch.Tensor]:
+    """One SIMT step (optimizer frozen) whose routes learn: the network's gradients, the router's."""
+    run = build_run(tiny_cfg(), run_dir=run_dir, resume=False)
+    for block in run.model.backbone.blocks:  # open the zero-initialised residual branches: the task loss
+        torch.nn.init.ones_(block.bn2.weight)  # then reaches the router's logits at this very step
+    # a small loss: the network's gradient scales with it, the router's (rescaled) does not
+    small = {t: (lambda out, batch, f=f: f(out, batch) * 1e-3) for t, f in run.step_fn.losses.items()}
+    step = dataclasses.replace(run.step_fn, optimizer=_Frozen(), scheduler=None, grad_clip=clip, losses=small)
+    result = step(0)
+    assert not result.skipped
+    router = run.model.backbone.router.logits_TLN
+    network = [p.grad.clone() for p in run.step_fn.grad_sync.params if p is not router]
+    return result.grad_norm, network, router.grad.clone()
+
+
+def test_router_gradient_is_neither_in_the_clipping_norm_nor_clipped(tmp_path, tiny_cfg):
+    """The router's gradient is rescaled to unit RMS per routing point (norm sqrt(tasks x points x
+    legos) whatever the loss): counted, it would clip the whole network by a constant factor whenever
+    routes learn."""
+    norm, network, logits = _learning_route_step(tmp_path / "a", tiny_cfg, clip=0.0)
+    assert norm == pytest.approx(float(torch.nn.utils.get_total_norm(network)), rel=1e-5) and norm > 0
+    assert float(logits.norm()) > 2 * norm  # with it, the norm would be the router's
+    _, kept, kept_logits = _learning_route_step(tmp_path / "b", tiny_cfg, clip=1.5 * norm)
+    for g, k in zip(network, kept):  # above the network's norm (below the norm with the router's): untouched
+        torch.testing.assert_close(k, g, rtol=0, atol=0)
+    torch.testing.assert_close(kept_logits, logits, rtol=0, atol=0)
+    _, clipped, clipped_logits = _learning_route_step(tmp_path / "c", tiny_cfg, clip=norm / 3)
+    scale = (norm / 3) / (norm + 1e-6)
+    for g, c in zip(network, clipped):
+        torch.testing.assert_close(c, g * scale, rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(clipped_logits, logits, rtol=0, atol=0)  # the router's step is its lr's
+
+
+def test_simt_step_skips_a_non_finite_router_gradient(tmp_path, tiny_cfg):
+    run = build_run(tiny_cfg(), run_dir=tmp_path, resume=False)
+    for block in run.model.backbone.blocks:
+        torch.nn.init.ones_(block.bn2.weight)
+    logits = run.model.backbone.router.logits_TLN
+    handle = logits.register_hook(lambda g: g * math.nan)
+    before = logits.detach().clone()
+    result = run.step_fn(0)
+    assert result.skipped and result.bad_tasks == ["<gradient>"]
+    assert torch.equal(logits.detach(), before) and logits.grad.abs().sum() == 0
+    handle.remove()
+    assert not run.step_fn(1).skipped

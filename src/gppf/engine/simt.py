@@ -11,15 +11,22 @@ Read top to bottom (``SIMTStep.__call__``):
    once, which frees the task's graph before the next task (peak memory stays near that of the
    largest single task);
 2. add the routers' auxiliary losses (once per step, split over ranks);
-3. one fused norm over the gradient regions this step wrote (``written_grads``: for a lego parameter
-   of a ``LegoSGD``, only the rows prepared for this step; every other row is exactly zero) tells whether
-   any gradient is non-finite (the norm is then non-finite); agree over all ranks whether any loss or
-   gradient was non-finite and, if so, skip the step everywhere;
+3. one fused norm over the network's gradient regions this step wrote (``written_grads``: for a lego
+   parameter of a ``LegoSGD``, only the rows prepared for this step; every other row is exactly zero),
+   and one over the router's logits, tell whether any gradient is non-finite (a norm is then
+   non-finite); agree over all ranks whether any loss or gradient was non-finite and, if so, skip the
+   step everywhere;
 4. all-reduce every gradient in fixed buckets (zeros for unused legos and heads: no rank can hang);
    nothing at all in a single process;
-5. clip by the norm of the synced gradient (in a single process the norm of step 3, so clipping costs
-   one multiply of the written regions, and only when it clips), optimizer step, scheduler step, zero
-   the gradients (buffers kept for the next step).
+5. clip the network's gradient by its norm after the sync (in a single process the norm of step 3, so
+   clipping costs one multiply of the written regions, and only when it clips), optimizer step,
+   scheduler step, zero the gradients (buffers kept for the next step).
+
+The router's logits are neither in the clipping norm nor clipped: their gradient is rescaled to unit
+RMS per routing point (``gppf.lego.router``), a norm of ``sqrt(tasks x points x legos)`` whatever the
+loss, so counting it would clip the whole network by a constant factor (``5 / sqrt(6 * 8 * 8) = 0.26``
+on the default recipe) whenever routes learn, and not when they are fixed or frozen; the router's
+step size is set by its learning rate.
 
 Steps 3 and 5 thus cost in proportion to the legos a step used, not to ``N`` (in a single process;
 a weight whose legos are its input columns counts as wholly written, as ``LegoSGD`` tracks rows).
@@ -55,7 +62,7 @@ class StepResult:
     samples: dict[str, int]
     skipped: bool = False
     bad_tasks: list[str] = field(default_factory=list)
-    grad_norm: float = 0.0
+    grad_norm: float = 0.0  # the network's gradient norm (router logits excluded), before clipping
     router_grads: dict[str, float] = field(default_factory=dict)  # gradient norms on the router logits
 
 
@@ -138,9 +145,11 @@ class SIMTStep:
         aux, router_grads = router_aux_backward(self.model.backbone.router, world=self.info.world)
 
         # 3. skip everywhere if any rank saw a non-finite loss or gradient (one fused norm pass)
-        written = written_grads(self.grad_sync.params, self.optimizer)
+        network, router = self._network_and_router()
+        written = written_grads(network, self.optimizer)
         norm = total_norm(written) if not bad_tasks else 0.0
-        bad_grad = not math.isfinite(norm)
+        router_norm = total_norm([p.grad for p in router if p.grad is not None])
+        bad_grad = not (math.isfinite(norm) and math.isfinite(router_norm))
         if broadcast_flag(bool(bad_tasks) or bad_grad, self.info, device=self.device):
             self.optimizer.zero_grad(set_to_none=False)
             return self._result(step, task_sum, count, aux, skipped=True,
@@ -149,9 +158,9 @@ class SIMTStep:
         # 4. hang-free gradient sync: every parameter, fixed buckets, same order on every rank
         self.grad_sync()
 
-        # 5. clip (by the norm of the summed gradient), step, zero
+        # 5. clip the network's gradient (by its norm after the sync; the router's is not clipped), step, zero
         if self.info.enabled:  # other ranks' rows arrived: the local regions and norm no longer cover them
-            written = [p.grad for p in self.grad_sync.params if p.grad is not None]
+            written = [p.grad for p in network if p.grad is not None]
             norm = total_norm(written) if self.grad_clip > 0 else 0.0
         if self.grad_clip > 0:
             clip_(written, norm=norm, max_norm=self.grad_clip)
@@ -163,6 +172,12 @@ class SIMTStep:
         result.grad_norm, result.router_grads = norm, router_grads
         self.weighting.observe(result.task_losses)
         return result
+
+    def _network_and_router(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """The synced parameters split into the network's (clipped) and the router's (not clipped)."""
+        router_ids = {id(p) for p in self.model.backbone.router.parameters()}
+        network = [p for p in self.grad_sync.params if id(p) not in router_ids]
+        return network, [p for p in self.grad_sync.params if id(p) in router_ids]
 
     def _task_loss(self, task: str, outputs: Outputs, batch: Batch, *, share: float) -> torch.Tensor:
         """This rank's loss of ``task``, such that ``share`` x it, summed over the task's ranks, is the loss
