@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import gppf
+from gppf.engine.distributed import TaskGroup
 from gppf.engine.simt import clip_, total_norm, written_grads
 from gppf.engine.trainer import build_run
 from gppf.lego.layers import rows_used
@@ -195,3 +196,19 @@ def test_simt_step_skips_a_non_finite_router_gradient(tmp_path, tiny_cfg):
     assert torch.equal(logits.detach(), before) and logits.grad.abs().sum() == 0
     handle.remove()
     assert not run.step_fn(1).skipped
+
+
+def test_a_task_on_two_ranks_takes_half_the_router_gradient_on_each(tmp_path, tiny_cfg):
+    """The gradient sync sums the ranks' router gradients: each rank's share is rescaled to RMS 1/ranks
+    (one process: 1), so the router's step does not grow with the number of ranks."""
+    rms = {}
+    for ranks in [(0,), (0, 1)]:
+        run = build_run(tiny_cfg(), run_dir=tmp_path / str(len(ranks)), resume=False)
+        for block in run.model.backbone.blocks:
+            torch.nn.init.ones_(block.bn2.weight)
+        groups = {t: TaskGroup(ranks=ranks, device=torch.device("cpu")) for t in run.step_fn.global_batch}
+        step = dataclasses.replace(run.step_fn, optimizer=_Frozen(), scheduler=None, groups=groups)
+        assert not step(0).skipped
+        rms[len(ranks)] = run.model.backbone.router.logits_TLN.grad.pow(2).mean(-1).sqrt()  # [tasks, points]
+    torch.testing.assert_close(rms[1], torch.ones_like(rms[1]), rtol=0, atol=1e-5)
+    torch.testing.assert_close(rms[2], torch.full_like(rms[2], 0.5), rtol=0, atol=1e-5)

@@ -139,6 +139,16 @@ def test_task_gradient_on_logits_has_unit_rms_per_routing_point():
     assert torch.equal(x.grad, torch.zeros(4))  # a zero gradient stays zero
 
 
+@pytest.mark.parametrize("mode", ["topk_st", "soft_topk"])
+def test_task_gradient_rms_is_grad_rms_for_a_share_of_a_task(mode):
+    """A task on R ranks: each rank's share of the gradient is rescaled to 1/R, so their sum is at most 1."""
+    r = make(mode=mode)
+    route = r("b", grad_rms=0.25)
+    (route.gate_LK * torch.rand(route.gate_LK.shape)).sum().backward()
+    rms_L = r.logits_TLN.grad[1].pow(2).mean(-1).sqrt()
+    assert torch.allclose(rms_L, torch.full((5,), 0.25), atol=1e-6)
+
+
 def test_aux_loss_gradients_are_the_stated_fraction_of_the_task_gradient():
     r = make(mi_weight=0.1, balance_weight=0.05)
     for name, w in (("router_mi", 0.1), ("router_balance", 0.05)):

@@ -107,9 +107,13 @@ class SIMTStep:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def _routes(self, tasks: list[str]) -> dict[str, Route]:
-        """Route every task of this step, and prepare a ``LegoSGD`` for the lego rows the routes use."""
+        """Route every task of this step, and prepare a ``LegoSGD`` for the lego rows the routes use.
+
+        A task trained on several ranks rescales its share of the router gradient to ``1 / ranks`` RMS
+        (``TaskRouter.forward``): the gradient sync sums the shares."""
         with self._autocast():
-            routes = {t: self.model.backbone.router(t) for t in tasks}
+            routes = {t: self.model.backbone.router(t, grad_rms=1.0 / len(self.groups[t].ranks) if t in self.groups
+                                                    else 1.0) for t in tasks}
         if isinstance(self.optimizer, RowOptimizer) and self.optimizer.lazy_params:
             declared = self.model.backbone.lego_rows()
             self.optimizer.prepare(rows_used(declared, [r.idx_LK for r in routes.values()]))

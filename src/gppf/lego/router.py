@@ -201,12 +201,17 @@ class TaskRouter(nn.Module):
             return self.frozen_TLK[t]
         return _topk_sorted(self.logits_TLN[t].detach(), self.active)
 
-    def forward(self, task: str) -> Route:
-        """Select ``k`` legos per routing point for ``task`` (all ``N``, softly, while searching)."""
+    def forward(self, task: str, *, grad_rms: float = 1.0) -> Route:
+        """Select ``k`` legos per routing point for ``task`` (all ``N``, softly, while searching).
+
+        ``grad_rms``: the RMS per routing point that the task loss's gradient on these logits is rescaled
+        to. A task trained on ``R`` ranks takes ``1 / R`` on each (``gppf.engine.simt``): the gradient
+        sync sums the ranks' shares, so the router's step stays at most one logit unit (exactly one
+        where the ranks' gradients agree) instead of growing with the number of ranks."""
         t = self.task_id(task)
         if not self.training or task in self.fixed or bool((self.frozen_TLK[t] >= 0).all()):
             return Route(idx_LK=self._deterministic(task), gate_LK=None)
-        logits_LN = rescale_grad(self.logits_TLN[t], scale=1.0, dims=(-1,))
+        logits_LN = rescale_grad(self.logits_TLN[t], scale=grad_rms, dims=(-1,))
         if self.searching:
             return self._soft_route(logits_LN)
         tau, scores_LN = 1.0, logits_LN.detach()
