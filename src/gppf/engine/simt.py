@@ -112,8 +112,7 @@ class SIMTStep:
         A task trained on several ranks rescales its share of the router gradient to ``1 / ranks`` RMS
         (``TaskRouter.forward``): the gradient sync sums the shares."""
         with self._autocast():
-            routes = {t: self.model.backbone.router(t, grad_rms=1.0 / len(self.groups[t].ranks) if t in self.groups
-                                                    else 1.0) for t in tasks}
+            routes = {t: self.model.backbone.router(t, grad_rms=self._router_grad_rms(t)) for t in tasks}
         if isinstance(self.optimizer, RowOptimizer) and self.optimizer.lazy_params:
             declared = self.model.backbone.lego_rows()
             self.optimizer.prepare(rows_used(declared, [r.idx_LK for r in routes.values()]))
@@ -176,6 +175,11 @@ class SIMTStep:
         result.grad_norm, result.router_grads = norm, router_grads
         self.weighting.observe(result.task_losses)
         return result
+
+    def _router_grad_rms(self, task: str) -> float:
+        """``1 / ranks`` that train ``task`` (the gradient sync sums their router gradients); 1 alone."""
+        group = self.groups.get(task)
+        return 1.0 if group is None else 1.0 / len(group.ranks)
 
     def _network_and_router(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """The synced parameters split into the network's (clipped) and the router's (not clipped)."""
