@@ -34,10 +34,10 @@ def test_one_rank_worker_figures_add_up(tmp_path, monkeypatch):
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
     args = parse_args(["--quick", "--worker", "--out", str(tmp_path / "w"), "--steps", "2", "--warmup", "1"])
-    originals = (simt.broadcast_flag, simt.all_reduce_scalars, TaskGroup.sum_, LegoSGD._share_used)
+    originals = (simt.broadcast_flag, simt.all_reduce_scalars, TaskGroup.sum_, LegoSGD.share_used)
     assert worker(args) == 0
     # the timed collectives are restored afterwards (nothing leaks into the rest of the process)
-    assert (simt.broadcast_flag, simt.all_reduce_scalars, TaskGroup.sum_, LegoSGD._share_used) == originals
+    assert (simt.broadcast_flag, simt.all_reduce_scalars, TaskGroup.sum_, LegoSGD.share_used) == originals
     rank = json.loads((tmp_path / "w.rank0").read_text())
     assert rank["rank"] == 0 and rank["threads"] == 1 and len(rank["tasks"]) == 6
     assert rank["images"] == 2 * 6 * 8  # 2 timed steps x 6 tasks x quick batch 8
@@ -46,6 +46,7 @@ def test_one_rank_worker_figures_add_up(tmp_path, monkeypatch):
     assert rank["loss_scalars_sync_s"] > 0  # timed (one process: it returns at once, but it ran)
     assert parts == pytest.approx(rank["wall_s"]) and rank["compute_s"] > 0 and rank["data_wait_s"] > 0
     assert math.isfinite(rank["last_loss"])
+    assert rank["grad_synced_elements"] == 0 and rank["grad_elements"] > 0  # one process: nothing to reduce
     one = summarise({"ranks": [rank], "launch_s": 1.0}, steps=2)
     assert one["steps_per_s"] == pytest.approx(2 / rank["wall_s"]) and one["imbalance"] == 1.0
     assert one["images_per_s"] == pytest.approx(96 / rank["wall_s"])
@@ -63,6 +64,9 @@ def test_bench_dist_quick_prints_one_json(capsys):
         assert eff == pytest.approx(result["variants"][f"2_ranks_{planner}"]["steps_per_s"] / (2 * one))
         ranks = result["variants"][f"2_ranks_{planner}"]["ranks"]
         assert [r["rank"] for r in ranks] == [0, 1]
+        # six tasks' routes (2 of 8 legos each) leave some legos unused at some routing point: not reduced
+        assert all(0 < r["grad_synced_elements"] < r["grad_elements"] for r in ranks)
+        assert ranks[0]["grad_synced_elements"] == ranks[1]["grad_synced_elements"]
     groups = result["variants"]["2_ranks_groups"]["ranks"]
     assert sorted(groups[0]["tasks"] + groups[1]["tasks"]) == sorted(result["variants"]["1_rank"]["ranks"][0]["tasks"])
     auto = result["variants"]["2_ranks_auto"]["ranks"]

@@ -3,7 +3,7 @@
 Builds a tiny two-task run whose tasks have disjoint fixed routes, takes three SIMT steps (clipped by
 the norm of the summed gradient), and saves
 every parameter's gradient of the first step as seen by the optimizer (after the cross-rank sync) from
-rank 0, and every rank's parameters after the three steps (``LegoSGD`` updates only the legos used,
+rank 0 (with the number of gradient elements the last sync all-reduced), and every rank's parameters after the three steps (``LegoSGD`` updates only the legos used,
 on each rank also those only the other rank's task used). Between steps the main rank alone reads
 the model (an eval forward and a ``state_dict`` while lego updates are deferred: nothing may change),
 then every rank checkpoints (settle) and the main rank alone evaluates, as the trainer does.
@@ -101,7 +101,10 @@ def main(planner: str, out: str, freeze_bn: str, sync_bn: str = "0") -> None:
     params = {name: p.detach().clone() for name, p in run.model.named_parameters()}
     save_file(params, f"{out}.params{run.info.rank}")
     if run.info.is_main:
-        meta = {"trained_here": ",".join(run.streams), "world": str(run.info.world)}
+        lazy = sum(p.numel() for p in run.optimizer.lazy_params)
+        meta = {"trained_here": ",".join(run.streams), "world": str(run.info.world),
+                "synced": str(run.step_fn.grad_sync.synced_elements), "lazy": str(lazy),
+                "params": str(sum(p.numel() for p in run.step_fn.grad_sync.params))}
         save_file(grads, out, metadata=meta)
 
 

@@ -41,7 +41,12 @@ def _meta(path: Path) -> dict[str, str]:
 def test_two_gloo_ranks_match_single_process(tmp_path, planner, freeze_bn):
     single = _run(tmp_path / "single", planner, 1, freeze_bn)
     double = _run(tmp_path / "double", planner, 2, freeze_bn)
-    assert _meta(double)["world"] == "2"
+    meta = _meta(double)
+    assert meta["world"] == "2"
+    # the sync reduced the lego gradients of the legos used on any rank (4 of 5), every other gradient whole
+    lazy, params = int(meta["lazy"]), int(meta["params"])
+    assert lazy > params // 2 and int(meta["synced"]) == params - lazy // 5
+    assert _meta(single)["synced"] == "0"
     if planner == "groups":  # rank 0 trained only one task: the other task's legos/head were unused there
         assert _meta(double)["trained_here"] in ("a", "b")
     ref, got = load_file(str(single)), load_file(str(double))
@@ -195,6 +200,42 @@ def test_grad_sync_reduces_gradients_in_place_as_bucket_views(one_rank_group):
     assert torch.equal(lin.bias.grad, torch.tensor([3.0, 4.0])) and torch.equal(conv.bias.grad, torch.zeros(4))
     assert {p.grad.untyped_storage().data_ptr() for p in params} == owners
     assert torch.equal(conv.weight.grad, torch.ones_like(conv.weight))
+
+
+def test_grad_sync_reduces_only_the_lego_regions_written_on_any_rank(one_rank_group, monkeypatch):
+    """Lego gradients of a ``LegoSGD`` are all-reduced by the regions of the rows merged over ranks
+    (rows: contiguous runs, columns: strided runs), packed; dense ones whole, in their buckets."""
+    import gppf.engine.distributed as D
+    from gppf.lego.layers import LegoRows, rows_used
+    from gppf.lego.optim import LegoSGD
+
+    rows_w = torch.nn.Parameter(torch.randn(16, 3))  # 16 legos of one row
+    cols_w = torch.nn.Parameter(torch.randn(5, 16))  # 16 legos of one column
+    dense = torch.nn.Parameter(torch.randn(7))
+    declared = [LegoRows(param=rows_w, point=0, width=1, legos=16),
+                LegoRows(param=cols_w, point=0, width=1, legos=16, dim=1)]
+    opt = LegoSGD([rows_w, cols_w, dense], lr=0.1, momentum=0.9, lego_params=declared, lazy=True)
+    sync = D.GradSync(params=[rows_w, cols_w, dense], info=D.DistInfo(rank=0, world=2), rows=opt)
+    assert sync.sparse == [rows_w, cols_w] and sum(b.numel() for b in sync.buckets) == 7
+    opt.prepare(rows_used(declared, [torch.tensor([[1, 3]])]))  # legos 1 and 3 of 16
+    rows_w.grad[[1, 3]] = 2.0
+    cols_w.grad[:, [1, 3]] = 3.0
+    dense.grad.fill_(4.0)
+    reduced: list[int] = []
+    real = D.dist.all_reduce
+    monkeypatch.setattr(D.dist, "all_reduce", lambda t, **kw: (reduced.append(t.numel()), real(t, **kw))[1])
+    opt.share_used()  # (one rank: the union is its own rows)
+    sync()
+    assert sorted(reduced) == [7, 2 * 3 + 5 * 2] and sync.synced_elements == 7 + 16
+    expect_rows, expect_cols = torch.zeros(16, 3), torch.zeros(5, 16)
+    expect_rows[[1, 3]], expect_cols[:, [1, 3]] = 2.0, 3.0
+    assert torch.equal(rows_w.grad, expect_rows) and torch.equal(cols_w.grad, expect_cols)
+    assert torch.equal(dense.grad, torch.full((7,), 4.0))
+    with pytest.raises(RuntimeError, match="after share_used"):
+        opt.prepare(rows_used(declared, [torch.tensor([[0, 2]])]))
+    opt.step()
+    opt.zero_grad(set_to_none=False)
+    opt.prepare(rows_used(declared, [torch.tensor([[0, 2]])]))  # a new step may prepare again
 
 
 def test_grad_sync_single_process_keeps_gradients_and_builds_no_buckets():

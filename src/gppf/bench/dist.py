@@ -16,9 +16,11 @@ steps, then ``--steps`` timed ones between two barriers. Every variant trains th
   (blocked in the step's first collective, the non-finite flag: the other rank is still computing, i.e.
   load imbalance), ``grad_allreduce_s`` (the gradient all-reduce), ``loss_count_sync_s`` (the
   count-normalised losses' count reductions, one per counted task and step; each also waits for the task's
-  other ranks), ``used_rows_sync_s`` (``LegoSGD``'s OR of the used lego rows), ``loss_scalars_sync_s`` (the
+  other ranks), ``used_rows_sync_s`` (``LegoSGD.share_used``: the OR of the used lego rows), ``loss_scalars_sync_s`` (the
   step's loss/sample-count reduction), ``compute_s`` (the rest), and
-  ``cpu_s`` (CPU time of the rank's process over the timed steps, blocking waits excluded).
+  ``cpu_s`` (CPU time of the rank's process over the timed steps, blocking waits excluded);
+  ``grad_synced_elements`` (gradient elements the last timed step all-reduced: lego gradients by the
+  regions any rank's routes wrote) of ``grad_elements`` (every synced parameter's).
 * ``scaling_efficiency_cpu_time[planner]`` = ``cpu_s(1 rank)`` / (2 x max over ranks ``cpu_s(2 ranks)``):
   the same ratio from CPU time, insensitive to other processes sharing the cores but blind to time
   spent waiting on the network or another rank: read it beside the wall-time figure, not instead.
@@ -136,7 +138,7 @@ def worker(args: argparse.Namespace) -> int:
         # used-row OR, the step's loss scalars
         flag = stack.enter_context(timing(simt, "broadcast_flag"))
         counts = stack.enter_context(timing(TaskGroup, "sum_"))
-        rows = stack.enter_context(timing(LegoSGD, "_share_used"))
+        rows = stack.enter_context(timing(LegoSGD, "share_used"))
         scalars = stack.enter_context(timing(simt, "all_reduce_scalars"))
         mine = _timed_steps(cfg, args, Path(tmp), timers={"flag": flag, "counts": counts, "rows": rows,
                                                           "scalars": scalars})
@@ -176,7 +178,9 @@ def _timed_steps(cfg: Any, args: argparse.Namespace, tmp: Path, *, timers: dict[
             "used_rows_sync_s": timers["rows"].seconds, "loss_scalars_sync_s": timers["scalars"].seconds,
             "compute_s": wall - data - timers["flag"].seconds - sync.seconds - other, "cpu_s": cpu,
             "tasks": sorted(run.streams), "images": images, "last_loss": result.loss,
-            "task_costs_s": run.task_costs, "plan": run.plan}
+            "task_costs_s": run.task_costs, "plan": run.plan,
+            "grad_synced_elements": run.step_fn.grad_sync.synced_elements,  # the last step's all-reduce
+            "grad_elements": sum(p.numel() for p in run.step_fn.grad_sync.params)}
     if run.info.enabled:
         dist.destroy_process_group()
     return mine

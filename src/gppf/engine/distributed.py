@@ -1,7 +1,10 @@
-"""Hang-free distributed training: fixed-order flat all-reduce of every gradient, and a task planner.
+"""Hang-free distributed training: fixed-order flat all-reduce of the gradients, and a task planner.
 
 Every rank issues the same collectives in the same order: after its local backward, each rank
-all-reduces the gradients of *all* parameters (zeros where it did not use them) in fixed flat buckets.
+all-reduces the gradients of *all* parameters (zeros where it did not use them) in fixed flat buckets,
+except the lego parameters of a ``LegoSGD`` (on the CPU, where it defers unused rows): of those it
+reduces the regions that any rank's routes wrote this step (the rows are merged over ranks first, so
+every rank packs the same regions), in proportion to the legos used, not to ``N``.
 No rank ever skips a collective, so legos or heads that are unused on some ranks can never deadlock
 (the failure mode of DDP with ``find_unused_parameters``). A task's loss on a rank is scaled by
 ``local_count / global_count`` of that task's global batch, so the SUM all-reduce yields exactly the
@@ -17,6 +20,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+from gppf.lego.optim import RowOptimizer
 
 
 @dataclass(frozen=True)
@@ -135,37 +140,39 @@ def _improving_move(tasks: list[str], costs: dict[str, float], owner: dict[str, 
 
 
 class GradSync:
-    """Sums every parameter's gradient over ranks in fixed flat buckets (zeros for unused params).
+    """Sums every parameter's gradient over ranks: dense gradients in fixed flat buckets (zeros for
+    unused parameters), lego gradients by the regions the step wrote on any rank.
 
     In a single process it does nothing (no buckets, no copies): the gradients are already the sum.
-    With several ranks every gradient is a view of one of a few persistent flat buckets (laid out like
-    its parameter), so each bucket is all-reduced in place: nothing is flattened or copied back. Every
-    rank holds the same buckets in the same order and reduces all of them every step (no rank can hang).
+    With several ranks every dense gradient is a view of one of a few persistent flat buckets (laid out
+    like its parameter), so each bucket is all-reduced in place: nothing is flattened or copied back.
     A gradient that was replaced since (set to ``None`` and re-created) is copied into its view once.
+    The lazy lego parameters of ``rows`` (a ``LegoSGD``; its ``share_used()`` must have merged the
+    step's rows over ranks before the call) keep their own gradients: their written regions
+    (``rows.grad_regions``, the same on every rank) are packed into flat chunks of at most a bucket,
+    all-reduced and copied back, so a step reduces the legos it used, not all ``N``. Every rank holds
+    the same buckets and packs the same regions in the same order, and reduces all of them every step
+    (no rank can hang). ``synced_elements``: gradient elements the last call all-reduced.
     """
 
-    def __init__(self, *, params: list[nn.Parameter], info: DistInfo, bucket_mb: float = 25.0) -> None:
+    def __init__(self, *, params: list[nn.Parameter], info: DistInfo, bucket_mb: float = 25.0,
+                 rows: RowOptimizer | None = None) -> None:
         self.info = info
         self.params = params
+        self.rows = rows
+        self.limit_bytes = bucket_mb * 2**20
+        self.synced_elements = 0
         for p in params:  # every parameter owns a gradient buffer from the start
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
+        lazy = {id(p) for p in rows.lazy_params} if rows is not None and info.enabled else set()
+        self.sparse = [p for p in params if id(p) in lazy]
         self.buckets: list[Tensor] = []
         self.views: list[list[tuple[nn.Parameter, Tensor]]] = []
         if not info.enabled:
             return
-        limit, cur, size = bucket_mb * 2**20, [], 0
-        for p in params:
-            if cur and (p.dtype != cur[0].dtype or p.device != cur[0].device):
-                self._add_bucket(cur)
-                cur, size = [], 0
-            cur.append(p)
-            size += p.numel() * p.element_size()
-            if size >= limit:
-                self._add_bucket(cur)
-                cur, size = [], 0
-        if cur:
-            self._add_bucket(cur)
+        for group in _chunks([p for p in params if id(p) not in lazy], self.limit_bytes):
+            self._add_bucket(group)
 
     def _add_bucket(self, params: list[nn.Parameter]) -> None:
         """One flat buffer for ``params``; their gradients become views of it (values kept)."""
@@ -193,6 +200,47 @@ class GradSync:
                     view.copy_(g)
                     p.grad = view
             dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        self.synced_elements = sum(b.numel() for b in self.buckets) + self._sync_regions()
+
+    def _sync_regions(self) -> int:
+        """All-reduce the written regions of the lego gradients, packed; the number of elements."""
+        regions: list[Tensor] = []
+        for p in self.sparse:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            elif p.grad.stride() != p.stride():  # laid out like its parameter, as on every other rank
+                p.grad = torch.empty_like(p).copy_(p.grad)
+            got = self.rows.grad_regions(p) if self.rows is not None else None
+            regions.extend([p.grad] if got is None else got)
+        total = 0
+        for chunk in _chunks(regions, self.limit_bytes):
+            sizes = [r.numel() for r in chunk]
+            flat = torch.empty(sum(sizes), dtype=chunk[0].dtype, device=chunk[0].device)
+            parts = [part.view(r.shape) for part, r in zip(flat.split(sizes), chunk)]
+            torch._foreach_copy_(parts, chunk)
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            torch._foreach_copy_(chunk, parts)
+            total += flat.numel()
+        return total
+
+
+def _chunks(tensors: list[Tensor], limit_bytes: float) -> list[list[Tensor]]:
+    """``tensors`` in order, in groups of one dtype and device, each closed once it reaches ``limit_bytes``."""
+    out: list[list[Tensor]] = []
+    cur: list[Tensor] = []
+    size = 0
+    for t in tensors:
+        if cur and (t.dtype != cur[0].dtype or t.device != cur[0].device):
+            out.append(cur)
+            cur, size = [], 0
+        cur.append(t)
+        size += t.numel() * t.element_size()
+        if size >= limit_bytes:
+            out.append(cur)
+            cur, size = [], 0
+    if cur:
+        out.append(cur)
+    return out
 
 
 def _bucket_view(flat: Tensor, p: Tensor, offset: int) -> Tensor:

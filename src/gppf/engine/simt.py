@@ -16,11 +16,14 @@ Read top to bottom (``SIMTStep.__call__``):
    and one over the router's logits, tell whether any gradient is non-finite (a norm is then
    non-finite); agree over all ranks whether any loss or gradient was non-finite and, if so, skip the
    step everywhere;
-4. all-reduce every gradient in fixed buckets (zeros for unused legos and heads: no rank can hang);
-   nothing at all in a single process;
-5. clip the network's gradient by its norm after the sync (in a single process the norm of step 3, so
-   clipping costs one multiply of the written regions, and only when it clips), optimizer step,
-   scheduler step, zero the gradients (buffers kept for the next step).
+4. all-reduce the gradients (nothing at all in a single process): a ``LegoSGD`` first merges the
+   step's lego rows over ranks (``share_used``), then dense gradients are reduced in fixed buckets
+   (zeros for unused heads) and lego gradients by the regions any rank wrote, the same on every rank
+   (no rank can hang);
+5. clip the network's gradient by its norm after the sync (in a single process the norm of step 3;
+   with several ranks the norm of the written regions of all ranks, after the sum), so clipping costs
+   one multiply of the written regions, and only when it clips; optimizer step, scheduler step, zero
+   the gradients (buffers kept for the next step).
 
 The router's logits are neither in the clipping norm nor clipped: their gradient is rescaled to unit
 RMS per routing point (``gppf.lego.router``), a norm of ``sqrt(tasks x points x legos)`` whatever the
@@ -28,8 +31,9 @@ loss, so counting it would clip the whole network by a constant factor (``5 / sq
 on the default recipe) whenever routes learn, and not when they are fixed or frozen; the router's
 step size is set by its learning rate.
 
-Steps 3 and 5 thus cost in proportion to the legos a step used, not to ``N`` (in a single process;
-a weight whose legos are its input columns counts as wholly written, as ``LegoSGD`` tracks rows).
+Steps 3, 4 and 5 thus cost in proportion to the legos a step used (on all ranks), not to ``N``,
+wherever ``LegoSGD`` tracks lego rows (lazily: on the CPU by default; a weight whose legos are its input
+columns, used above ``_STRIDED_MAX_FRACTION``, counts as wholly written).
 """
 from __future__ import annotations
 
@@ -158,12 +162,15 @@ class SIMTStep:
             return self._result(step, task_sum, count, aux, skipped=True,
                                 bad=bad_tasks or (["<gradient>"] if bad_grad else ["<other rank>"]))
 
-        # 4. hang-free gradient sync: every parameter, fixed buckets, same order on every rank
+        # 4. hang-free gradient sync: the same collectives in the same order on every rank; lego rows
+        #    merged over ranks first, so lego gradients are reduced by the regions any rank wrote
+        if self.info.enabled and isinstance(self.optimizer, RowOptimizer):
+            self.optimizer.share_used()
         self.grad_sync()
 
         # 5. clip the network's gradient (by its norm after the sync; the router's is not clipped), step, zero
-        if self.info.enabled:  # other ranks' rows arrived: the local regions and norm no longer cover them
-            written = [p.grad for p in network if p.grad is not None]
+        if self.info.enabled:  # other ranks' rows arrived: the regions of all ranks, summed
+            written = written_grads(network, self.optimizer)
             norm = total_norm(written) if self.grad_clip > 0 else 0.0
         if self.grad_clip > 0:
             clip_(written, norm=norm, max_norm=self.grad_clip)
@@ -240,7 +247,8 @@ def written_grads(params: list[nn.Parameter], optimizer: torch.optim.Optimizer) 
     parameter its whole gradient.
     Rows left out are exactly zero (``LegoSGD.zero_grad`` clears every written row), so norms and
     scalings over the regions equal those over the full gradients, at a cost proportional to the legos
-    used. Local to this process: before a gradient sync, the rows of other ranks are not in it.
+    used. Before a ``LegoSGD``'s ``share_used`` only this process's rows are in it; after it, every
+    rank's (the same regions on every rank).
     """
     regions = optimizer.grad_regions if isinstance(optimizer, RowOptimizer) else None
     out: list[torch.Tensor] = []

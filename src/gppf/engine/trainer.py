@@ -31,7 +31,7 @@ from gppf.engine.planning import measure_task_costs, saved_plan, static_cost
 from gppf.engine.simt import SIMTStep, StepResult
 from gppf.engine.tuning import finetune_param_groups, set_trainable
 from gppf.engine.weighting import LossWeighting, build_weighting
-from gppf.lego.optim import LegoSGD
+from gppf.lego.optim import LegoSGD, RowOptimizer
 from gppf.lego.router import route_churn
 from gppf.tasks import Task, build_task, check_task_types
 from gppf.tasks.base import reader_of
@@ -270,9 +270,10 @@ def build_run(cfg: RunConfig, *, run_dir: Path, resume: bool,
     amp = resolve_amp(cfg.train.amp, device)
     plan, costs = _plan(cfg, model=model, tasks=tasks, info=info, device=device, amp=amp, state=state)
     streams = _streams(cfg, tasks, plan, info, positions)
+    rows = optimizer if isinstance(optimizer, RowOptimizer) else None  # lego gradients synced by written rows
     step_fn = SIMTStep(model=model, streams=streams, losses={n: t.head.loss for n, t in tasks.items() if n in streams},
                        global_batch={n: t.cfg.batch_size for n, t in tasks.items()}, weighting=weighting,
-                       optimizer=optimizer, scheduler=scheduler, grad_sync=GradSync(params=params, info=info),
+                       optimizer=optimizer, scheduler=scheduler, grad_sync=GradSync(params=params, info=info, rows=rows),
                        info=info, device=device, grad_clip=cfg.train.grad_clip, amp_dtype=amp,
                        channels_last=cfg.train.channels_last, sample_probs=_sample_probs(cfg), seed=cfg.train.seed,
                        groups=task_groups(plan, info=info, device=device), sync_bn=cfg.dist.sync_bn,

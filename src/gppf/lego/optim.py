@@ -52,8 +52,11 @@ runs when a model is read):
   deferred rows as they are (``pending`` says whether any are), and ``LegoSGD.state_dict()`` refuses.
 * A parameter whose ``.grad`` is ``None`` at a step is skipped by that step entirely, as by
   ``torch.optim.SGD`` (no deferred weight decay or momentum is charged for it).
-* Under ``torch.distributed`` the prepared rows are OR-ed over ranks in ``step()`` (one small
-  all-reduce), so every rank updates the same rows, also those only another rank's tasks used.
+* Under ``torch.distributed`` the prepared rows are OR-ed over ranks (one small all-reduce) by
+  :meth:`LegoSGD.share_used`, which a training step calls before its gradient sync (``step()`` calls it
+  if the step did not): every rank then updates the same rows, also those only another rank's tasks
+  used, and ``grad_regions`` lists the same regions on every rank (the union of the ranks' rows), so a
+  gradient sync can reduce just those (``gppf.engine.distributed.GradSync``).
 
 Supported: ``momentum``, ``weight_decay``, ``nesterov``, learning-rate schedules; ``dampening`` and
 ``maximize`` are not (use ``torch.optim.SGD``). The optimizer state is that of ``torch.optim.SGD``
@@ -358,8 +361,9 @@ RowMasks = Mapping[Tensor, "np.ndarray | None"]  # lego parameter -> bool mask o
 @runtime_checkable
 class RowOptimizer(Protocol):
     """What a training step needs of an optimizer that updates only the lego rows a step used
-    (``LegoSGD``, or a wrapper of one): the rows are declared before the forward (``prepare``), and the
-    gradient regions written since ``zero_grad`` can be listed (``grad_regions``)."""
+    (``LegoSGD``, or a wrapper of one): the rows are declared before the forward (``prepare``), the
+    gradient regions written since ``zero_grad`` can be listed (``grad_regions``), and under
+    ``torch.distributed`` the rows are merged over ranks before the gradient sync (``share_used``)."""
 
     @property
     def lazy_params(self) -> list[Tensor]: ...
@@ -367,6 +371,8 @@ class RowOptimizer(Protocol):
     def prepare(self, used: RowMasks) -> None: ...
 
     def grad_regions(self, param: Tensor) -> list[Tensor] | None: ...
+
+    def share_used(self) -> None: ...
 
 
 def _declared_dims(lego_params: Iterable[Tensor | LegoRows]) -> dict[int, tuple[int, bool]]:
@@ -421,6 +427,7 @@ class LegoSGD(torch.optim.Optimizer):
                 if wanted and dim is not None and p.dim() > dim and memory_order(p) is not None:
                     self._cells[id(p)] = _LazyCells(p, clock=clock, state=self.state[p], dim=dim, cells=cells)
         self._prepared = False
+        self._shared = False  # share_used() ran for the coming step()
 
     @property
     def lazy_params(self) -> list[Tensor]:
@@ -436,7 +443,9 @@ class LegoSGD(torch.optim.Optimizer):
     def prepare(self, used: RowMasks) -> None:
         """Declare the lego rows the coming step uses (``gppf.lego.layers.rows_used`` of its routes) and
         bring them up to date; call before the step's forward. Parameters not in ``used`` are unused.
-        Several calls before one ``step()`` add up."""
+        Several calls before one ``step()`` add up (all before ``share_used``)."""
+        if self._shared:
+            raise RuntimeError("LegoSGD.prepare() after share_used(): declare every row before the rows are shared")
         replay = _Replay(fused=self.fused, foreach=self.foreach)
         for p, mask_R in used.items():
             cells = self._cells.get(id(p))
@@ -511,14 +520,14 @@ class LegoSGD(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._share_used()
+        self.share_used()
         while len(self._clocks) < len(self.param_groups):  # groups added after construction: dense
             self._clocks.append(_Clock())
         for group, clock in zip(self.param_groups, self._clocks):
             self._step_group(group, clock)
         for cells in self._cells.values():
             cells.used_R[:] = False
-        self._prepared = False
+        self._prepared = self._shared = False
         if self._clocks and self._clocks[0].t % _GC_EVERY == 0:
             self._prune()
         return loss
@@ -574,8 +583,14 @@ class LegoSGD(torch.optim.Optimizer):
         clock.advance(skipped_step_map(lr=float(lr), momentum=mom, weight_decay=wd, nesterov=nesterov),
                       (float(lr), mom, wd, nesterov))
 
-    def _share_used(self) -> None:
-        """OR the used rows over ranks (every rank updates the same rows; their gradients are summed)."""
+    def share_used(self) -> None:
+        """OR the rows prepared for the coming ``step()`` over ranks (one small all-reduce; every rank
+        updates the same rows, their gradients summed), and count them as written (``grad_regions``).
+        Once per step: ``step()`` calls it unless the training step did (before its gradient sync).
+        Every rank must call it at the same point of a step (a collective)."""
+        if self._shared:
+            return
+        self._shared = True
         cells = list(self._cells.values())
         if cells and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             shared = torch.from_numpy(np.concatenate([c.used_R for c in cells]).astype(np.uint8))
