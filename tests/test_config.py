@@ -37,6 +37,7 @@ train: {steps: 10}
         ("train: {steps: many}\n", [], r"train.steps: expected an integer"),
         ("tasks: [{name: a}, {name: a}]\n", [], r"duplicate task name 'a'"),
         ("model: {legos: 4, active: 5}\n", [], r"model.active must be in"),
+        ("", ["dist.sync_sparse_below=1.5"], r"dist.sync_sparse_below must be in \[0, 1\], got 1.5"),
         ("", ["tasks.nope.batch_size=3"], r"list"),
         ("train: {steps: 3\n", [], r"malformed YAML in .*cfg.yaml:\d+"),
         ("- 1\n- 2\n", [], r"top level must be a mapping"),

@@ -146,6 +146,10 @@ class DistConfig:
     # ``groups`` / ``auto`` planner's task costs: timed on the run's model and data before training,
     # or batch x pixels
     task_costs: Literal["measured", "static"] = "measured"
+    # gradient sync of a bucket whose written regions (the lego rows any rank's routes used, every dense
+    # gradient whole) hold at most this fraction of it: those regions packed (two copies) and reduced
+    # instead of the whole bucket in place (0: never; 1: always; docs/distributed.md)
+    sync_sparse_below: float = 0.6
 
 
 @dataclass
@@ -388,6 +392,8 @@ def validate(cfg: RunConfig, *, task_types: Collection[str] | None = None) -> No
             raise ConfigError(f"tasks.{task.name}.batch_size must be >= 1")
     if cfg.train.steps < 0:
         raise ConfigError("train.steps must be >= 0")
+    if not 0.0 <= cfg.dist.sync_sparse_below <= 1.0:
+        raise ConfigError(f"dist.sync_sparse_below must be in [0, 1], got {cfg.dist.sync_sparse_below}")
     if cfg.finetune is not None:
         _validate_finetune(cfg.finetune)
 

@@ -46,7 +46,8 @@ def test_one_rank_worker_figures_add_up(tmp_path, monkeypatch):
     assert rank["loss_scalars_sync_s"] > 0  # timed (one process: it returns at once, but it ran)
     assert parts == pytest.approx(rank["wall_s"]) and rank["compute_s"] > 0 and rank["data_wait_s"] > 0
     assert math.isfinite(rank["last_loss"])
-    assert rank["grad_synced_elements"] == 0 and rank["grad_elements"] > 0  # one process: nothing to reduce
+    assert rank["grad_synced_elements"] == rank["grad_sync_collectives"] == 0  # one process: nothing to reduce
+    assert rank["grad_elements"] > 0
     one = summarise({"ranks": [rank], "launch_s": 1.0}, steps=2)
     assert one["steps_per_s"] == pytest.approx(2 / rank["wall_s"]) and one["imbalance"] == 1.0
     assert one["images_per_s"] == pytest.approx(96 / rank["wall_s"])
@@ -64,9 +65,10 @@ def test_bench_dist_quick_prints_one_json(capsys):
         assert eff == pytest.approx(result["variants"][f"2_ranks_{planner}"]["steps_per_s"] / (2 * one))
         ranks = result["variants"][f"2_ranks_{planner}"]["ranks"]
         assert [r["rank"] for r in ranks] == [0, 1]
-        # six tasks' routes (2 of 8 legos each) leave some legos unused at some routing point: not reduced
-        assert all(0 < r["grad_synced_elements"] < r["grad_elements"] for r in ranks)
+        # both ranks reduced the same spans (the tiny quick model's regions may join into whole buckets)
+        assert all(0 < r["grad_synced_elements"] <= r["grad_elements"] for r in ranks)
         assert ranks[0]["grad_synced_elements"] == ranks[1]["grad_synced_elements"]
+        assert ranks[0]["grad_sync_collectives"] == ranks[1]["grad_sync_collectives"] > 0
     groups = result["variants"]["2_ranks_groups"]["ranks"]
     assert sorted(groups[0]["tasks"] + groups[1]["tasks"]) == sorted(result["variants"]["1_rank"]["ranks"][0]["tasks"])
     auto = result["variants"]["2_ranks_auto"]["ranks"]

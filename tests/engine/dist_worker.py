@@ -40,7 +40,8 @@ def tiny_config(planner: str, out: str, sync_bn: bool = False):
                   task("b", "textured") | {"route": [[2, 3]] * 8}],
         "train": {"steps": 3, "amp": "none", "channels_last": False, "progress": False, "warmup_steps": 0,
                   "checkpoint_every": 0, "grad_clip": 3.0},  # norms ~6: clipping by the synced norm is tested
-        "dist": {"planner": planner, "backend": "gloo", "sync_bn": sync_bn},
+        "dist": {"planner": planner, "backend": "gloo", "sync_bn": sync_bn,
+                 "sync_sparse_below": 1.0},  # every bucket by its written regions
     }
     return load_config(base=base)
 

@@ -202,40 +202,58 @@ def test_grad_sync_reduces_gradients_in_place_as_bucket_views(one_rank_group):
     assert torch.equal(conv.weight.grad, torch.ones_like(conv.weight))
 
 
-def test_grad_sync_reduces_only_the_lego_regions_written_on_any_rank(one_rank_group, monkeypatch):
-    """Lego gradients of a ``LegoSGD`` are all-reduced by the regions of the rows merged over ranks
-    (rows: contiguous runs, columns: strided runs), packed; dense ones whole, in their buckets."""
+def _lego_sync(monkeypatch, **kw: float):
+    """One bucket: a lego parameter of 64 legos of a row (512 elements each), one of 16 legos of a column,
+    a dense one; a LegoSGD prepared for rows 1 and 40 and columns 1 and 3, their gradients written; the
+    sizes of the all-reduces."""
     import gppf.engine.distributed as D
     from gppf.lego.layers import LegoRows, rows_used
     from gppf.lego.optim import LegoSGD
 
-    rows_w = torch.nn.Parameter(torch.randn(16, 3))  # 16 legos of one row
-    cols_w = torch.nn.Parameter(torch.randn(5, 16))  # 16 legos of one column
+    rows_w, cols_w = torch.nn.Parameter(torch.randn(64, 512)), torch.nn.Parameter(torch.randn(5, 16))
     dense = torch.nn.Parameter(torch.randn(7))
-    declared = [LegoRows(param=rows_w, point=0, width=1, legos=16),
-                LegoRows(param=cols_w, point=0, width=1, legos=16, dim=1)]
+    declared = [LegoRows(param=rows_w, point=0, width=1, legos=64),
+                LegoRows(param=cols_w, point=1, width=1, legos=16, dim=1)]
     opt = LegoSGD([rows_w, cols_w, dense], lr=0.1, momentum=0.9, lego_params=declared, lazy=True)
-    sync = D.GradSync(params=[rows_w, cols_w, dense], info=D.DistInfo(rank=0, world=2), rows=opt)
-    assert sync.sparse == [rows_w, cols_w] and sum(b.numel() for b in sync.buckets) == 7
-    opt.prepare(rows_used(declared, [torch.tensor([[1, 3]])]))  # legos 1 and 3 of 16
-    rows_w.grad[[1, 3]] = 2.0
+    sync = D.GradSync(params=[rows_w, cols_w, dense], info=D.DistInfo(rank=0, world=2), rows=opt, **kw)
+    assert [b.numel() for b in sync.buckets] == [32768 + 80 + 7]
+    opt.prepare(rows_used(declared, [torch.tensor([[1, 40], [1, 3]])]))
+    rows_w.grad[[1, 40]] = 2.0
     cols_w.grad[:, [1, 3]] = 3.0
     dense.grad.fill_(4.0)
     reduced: list[int] = []
     real = D.dist.all_reduce
-    monkeypatch.setattr(D.dist, "all_reduce", lambda t, **kw: (reduced.append(t.numel()), real(t, **kw))[1])
+    monkeypatch.setattr(D.dist, "all_reduce", lambda t, **kwargs: (reduced.append(t.numel()), real(t, **kwargs))[1])
     opt.share_used()  # (one rank: the union is its own rows)
     sync()
-    assert sorted(reduced) == [7, 2 * 3 + 5 * 2] and sync.synced_elements == 7 + 16
-    expect_rows, expect_cols = torch.zeros(16, 3), torch.zeros(5, 16)
-    expect_rows[[1, 3]], expect_cols[:, [1, 3]] = 2.0, 3.0
+    expect_rows, expect_cols = torch.zeros(64, 512), torch.zeros(5, 16)
+    expect_rows[[1, 40]], expect_cols[:, [1, 3]] = 2.0, 3.0
     assert torch.equal(rows_w.grad, expect_rows) and torch.equal(cols_w.grad, expect_cols)
     assert torch.equal(dense.grad, torch.full((7,), 4.0))
+    assert {p.grad.untyped_storage().data_ptr() for p in (rows_w, cols_w, dense)} == {
+        sync.buckets[0].untyped_storage().data_ptr()}  # still views of the bucket
+    assert sync.synced_elements == sum(reduced) and sync.collectives == len(reduced)
+    return opt, declared, reduced
+
+
+def test_grad_sync_reduces_a_sparse_bucket_by_the_regions_written_on_any_rank(one_rank_group, monkeypatch):
+    """A bucket whose written regions hold at most ``sparse_below`` of it is reduced by those regions,
+    packed: the lego rows (contiguous runs) and columns (strided runs) of the merged routes, dense
+    gradients whole."""
+    from gppf.lego.layers import rows_used
+
+    opt, declared, reduced = _lego_sync(monkeypatch)
+    assert reduced == [2 * 512 + 5 * 2 + 7]  # of 32855 elements
     with pytest.raises(RuntimeError, match="after share_used"):
-        opt.prepare(rows_used(declared, [torch.tensor([[0, 2]])]))
+        opt.prepare(rows_used(declared, [torch.tensor([[0, 2], [0, 2]])]))
     opt.step()
     opt.zero_grad(set_to_none=False)
-    opt.prepare(rows_used(declared, [torch.tensor([[0, 2]])]))  # a new step may prepare again
+    opt.prepare(rows_used(declared, [torch.tensor([[0, 2], [0, 2]])]))  # a new step may prepare again
+
+
+def test_grad_sync_reduces_a_densely_written_bucket_whole_in_place(one_rank_group, monkeypatch):
+    _, _, reduced = _lego_sync(monkeypatch, sparse_below=0.01)  # 1041 of 32855 elements: above 1%
+    assert reduced == [32855]
 
 
 def test_grad_sync_single_process_keeps_gradients_and_builds_no_buckets():

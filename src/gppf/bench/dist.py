@@ -19,8 +19,9 @@ steps, then ``--steps`` timed ones between two barriers. Every variant trains th
   other ranks), ``used_rows_sync_s`` (``LegoSGD.share_used``: the OR of the used lego rows), ``loss_scalars_sync_s`` (the
   step's loss/sample-count reduction), ``compute_s`` (the rest), and
   ``cpu_s`` (CPU time of the rank's process over the timed steps, blocking waits excluded);
-  ``grad_synced_elements`` (gradient elements the last timed step all-reduced: lego gradients by the
-  regions any rank's routes wrote) of ``grad_elements`` (every synced parameter's).
+  ``grad_synced_elements`` (gradient elements the last timed step all-reduced: of sparsely written
+  buckets only the spans holding the regions any rank's routes wrote) of ``grad_elements`` (every synced
+  parameter's), in ``grad_sync_collectives`` all-reduces.
 * ``scaling_efficiency_cpu_time[planner]`` = ``cpu_s(1 rank)`` / (2 x max over ranks ``cpu_s(2 ranks)``):
   the same ratio from CPU time, insensitive to other processes sharing the cores but blind to time
   spent waiting on the network or another rank: read it beside the wall-time figure, not instead.
@@ -179,7 +180,8 @@ def _timed_steps(cfg: Any, args: argparse.Namespace, tmp: Path, *, timers: dict[
             "compute_s": wall - data - timers["flag"].seconds - sync.seconds - other, "cpu_s": cpu,
             "tasks": sorted(run.streams), "images": images, "last_loss": result.loss,
             "task_costs_s": run.task_costs, "plan": run.plan,
-            "grad_synced_elements": run.step_fn.grad_sync.synced_elements,  # the last step's all-reduce
+            "grad_synced_elements": run.step_fn.grad_sync.synced_elements,  # the last step's all-reduces
+            "grad_sync_collectives": run.step_fn.grad_sync.collectives,
             "grad_elements": sum(p.numel() for p in run.step_fn.grad_sync.params)}
     if run.info.enabled:
         dist.destroy_process_group()

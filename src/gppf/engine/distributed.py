@@ -1,10 +1,10 @@
 """Hang-free distributed training: fixed-order flat all-reduce of the gradients, and a task planner.
 
 Every rank issues the same collectives in the same order: after its local backward, each rank
-all-reduces the gradients of *all* parameters (zeros where it did not use them) in fixed flat buckets,
-except the lego parameters of a ``LegoSGD`` (on the CPU, where it defers unused rows): of those it
-reduces the regions that any rank's routes wrote this step (the rows are merged over ranks first, so
-every rank packs the same regions), in proportion to the legos used, not to ``N``.
+all-reduces the gradients of *all* parameters (zeros where it did not use them) in fixed flat buckets;
+a bucket that the step wrote only sparsely (lego rows of a ``LegoSGD``, on the CPU where it tracks
+them: the rows any rank's routes used, merged over ranks first) is reduced by its written regions,
+packed, so the reduced volume follows the legos used, not ``N``.
 No rank ever skips a collective, so legos or heads that are unused on some ranks can never deadlock
 (the failure mode of DDP with ``find_unused_parameters``). A task's loss on a rank is scaled by
 ``local_count / global_count`` of that task's global batch, so the SUM all-reduce yields exactly the
@@ -140,41 +140,41 @@ def _improving_move(tasks: list[str], costs: dict[str, float], owner: dict[str, 
 
 
 class GradSync:
-    """Sums every parameter's gradient over ranks: dense gradients in fixed flat buckets (zeros for
-    unused parameters), lego gradients by the regions the step wrote on any rank.
+    """Sums every parameter's gradient over ranks, in fixed flat buckets (zeros for unused parameters);
+    a bucket that the step wrote only sparsely is reduced by its written regions, packed.
 
     In a single process it does nothing (no buckets, no copies): the gradients are already the sum.
-    With several ranks every dense gradient is a view of one of a few persistent flat buckets (laid out
-    like its parameter), so each bucket is all-reduced in place: nothing is flattened or copied back.
-    A gradient that was replaced since (set to ``None`` and re-created) is copied into its view once.
-    The lazy lego parameters of ``rows`` (a ``LegoSGD``; its ``share_used()`` must have merged the
-    step's rows over ranks before the call) keep their own gradients: their written regions
-    (``rows.grad_regions``, the same on every rank) are packed into flat chunks of at most a bucket,
-    all-reduced and copied back, so a step reduces the legos it used, not all ``N``. Every rank holds
-    the same buckets and packs the same regions in the same order, and reduces all of them every step
-    (no rank can hang). ``synced_elements``: gradient elements the last call all-reduced.
+    With several ranks every gradient is a view of one of a few persistent flat buckets (laid out like
+    its parameter), so a bucket is all-reduced in place: nothing is flattened or copied back. A gradient
+    that was replaced since (set to ``None`` and re-created) is copied into its view once.
+    With ``rows`` (a ``LegoSGD`` whose ``share_used()`` merged the step's lego rows over ranks before the
+    call), a bucket's written regions are its lego gradients' ``rows.grad_regions`` (the rows any rank's
+    routes used: the same on every rank) and every other gradient whole. Where they hold at most
+    ``sparse_below`` of the bucket, they are copied into one flat tensor, all-reduced and copied back
+    (everything else is zero on every rank), so the reduced volume follows the legos used, not ``N``,
+    for two copies of the regions (one all-reduce per region instead cost more on gloo). Every rank
+    makes the same choices in the same order (no rank can hang). ``synced_elements``: elements the last
+    call all-reduced; ``collectives``: all-reduces it issued.
     """
 
     def __init__(self, *, params: list[nn.Parameter], info: DistInfo, bucket_mb: float = 25.0,
-                 rows: RowOptimizer | None = None) -> None:
+                 rows: RowOptimizer | None = None, sparse_below: float = 0.6) -> None:
         self.info = info
         self.params = params
         self.rows = rows
-        self.limit_bytes = bucket_mb * 2**20
-        self.synced_elements = 0
+        self.sparse_below = sparse_below
+        self.synced_elements = self.collectives = 0
         for p in params:  # every parameter owns a gradient buffer from the start
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        lazy = {id(p) for p in rows.lazy_params} if rows is not None and info.enabled else set()
-        self.sparse = [p for p in params if id(p) in lazy]
         self.buckets: list[Tensor] = []
         self.views: list[list[tuple[nn.Parameter, Tensor]]] = []
         if not info.enabled:
             return
-        for group in _chunks([p for p in params if id(p) not in lazy], self.limit_bytes):
+        for group in _chunks(params, bucket_mb * 2**20):
             self._add_bucket(group)
 
-    def _add_bucket(self, params: list[nn.Parameter]) -> None:
+    def _add_bucket(self, params: list[Tensor]) -> None:
         """One flat buffer for ``params``; their gradients become views of it (values kept)."""
         flat = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
         views, offset = [], 0
@@ -190,6 +190,7 @@ class GradSync:
     def __call__(self) -> None:
         if not self.info.enabled:
             return
+        self.synced_elements = self.collectives = 0
         for flat, views in zip(self.buckets, self.views):
             for p, view in views:
                 g = p.grad
@@ -199,29 +200,38 @@ class GradSync:
                 elif g.data_ptr() != view.data_ptr() or g.stride() != view.stride():
                     view.copy_(g)
                     p.grad = view
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        self.synced_elements = sum(b.numel() for b in self.buckets) + self._sync_regions()
+            regions = self._sparse_regions(flat, views)
+            if regions is None:
+                dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+                n = flat.numel()
+            else:
+                n = _reduce_packed(regions)
+            self.synced_elements += n
+            self.collectives += int(n > 0)
 
-    def _sync_regions(self) -> int:
-        """All-reduce the written regions of the lego gradients, packed; the number of elements."""
+    def _sparse_regions(self, flat: Tensor, views: list[tuple[nn.Parameter, Tensor]]) -> list[Tensor] | None:
+        """The bucket's written regions if they hold at most ``sparse_below`` of it, else ``None``."""
+        if self.rows is None or self.sparse_below <= 0:
+            return None
         regions: list[Tensor] = []
-        for p in self.sparse:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            elif p.grad.stride() != p.stride():  # laid out like its parameter, as on every other rank
-                p.grad = torch.empty_like(p).copy_(p.grad)
-            got = self.rows.grad_regions(p) if self.rows is not None else None
+        for p, _ in views:
+            got = self.rows.grad_regions(p)
             regions.extend([p.grad] if got is None else got)
-        total = 0
-        for chunk in _chunks(regions, self.limit_bytes):
-            sizes = [r.numel() for r in chunk]
-            flat = torch.empty(sum(sizes), dtype=chunk[0].dtype, device=chunk[0].device)
-            parts = [part.view(r.shape) for part, r in zip(flat.split(sizes), chunk)]
-            torch._foreach_copy_(parts, chunk)
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-            torch._foreach_copy_(chunk, parts)
-            total += flat.numel()
-        return total
+        return regions if sum(r.numel() for r in regions) <= self.sparse_below * flat.numel() else None
+
+
+def _reduce_packed(regions: list[Tensor]) -> int:
+    """All-reduce ``regions`` (gradient views of one bucket) as one packed tensor; its size."""
+    regions = [r for r in regions if r.numel()]
+    if not regions:
+        return 0
+    sizes = [r.numel() for r in regions]
+    flat = torch.empty(sum(sizes), dtype=regions[0].dtype, device=regions[0].device)
+    parts = [part.view(r.shape) for part, r in zip(flat.split(sizes), regions)]
+    torch._foreach_copy_(parts, regions)
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    torch._foreach_copy_(regions, parts)
+    return flat.numel()
 
 
 def _chunks(tensors: list[Tensor], limit_bytes: float) -> list[list[Tensor]]:

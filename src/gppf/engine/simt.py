@@ -16,10 +16,10 @@ Read top to bottom (``SIMTStep.__call__``):
    and one over the router's logits, tell whether any gradient is non-finite (a norm is then
    non-finite); agree over all ranks whether any loss or gradient was non-finite and, if so, skip the
    step everywhere;
-4. all-reduce the gradients (nothing at all in a single process): a ``LegoSGD`` first merges the
-   step's lego rows over ranks (``share_used``), then dense gradients are reduced in fixed buckets
-   (zeros for unused heads) and lego gradients by the regions any rank wrote, the same on every rank
-   (no rank can hang);
+4. all-reduce the gradients in fixed buckets (zeros for unused parameters; nothing at all in a single
+   process): a ``LegoSGD`` first merges the step's lego rows over ranks (``share_used``), so a bucket
+   written only sparsely is reduced by the regions any rank wrote, packed, the same on every rank
+   (``GradSync``; no rank can hang);
 5. clip the network's gradient by its norm after the sync (in a single process the norm of step 3;
    with several ranks the norm of the written regions of all ranks, after the sum), so clipping costs
    one multiply of the written regions, and only when it clips; optimizer step, scheduler step, zero
@@ -163,7 +163,7 @@ class SIMTStep:
                                 bad=bad_tasks or (["<gradient>"] if bad_grad else ["<other rank>"]))
 
         # 4. hang-free gradient sync: the same collectives in the same order on every rank; lego rows
-        #    merged over ranks first, so lego gradients are reduced by the regions any rank wrote
+        #    merged over ranks first, so a sparsely written bucket is reduced by the regions any rank wrote
         if self.info.enabled and isinstance(self.optimizer, RowOptimizer):
             self.optimizer.share_used()
         self.grad_sync()

@@ -270,10 +270,11 @@ def build_run(cfg: RunConfig, *, run_dir: Path, resume: bool,
     amp = resolve_amp(cfg.train.amp, device)
     plan, costs = _plan(cfg, model=model, tasks=tasks, info=info, device=device, amp=amp, state=state)
     streams = _streams(cfg, tasks, plan, info, positions)
-    rows = optimizer if isinstance(optimizer, RowOptimizer) else None  # lego gradients synced by written rows
+    rows = optimizer if isinstance(optimizer, RowOptimizer) else None  # sparse buckets synced by written rows
+    sync = GradSync(params=params, info=info, rows=rows, sparse_below=cfg.dist.sync_sparse_below)
     step_fn = SIMTStep(model=model, streams=streams, losses={n: t.head.loss for n, t in tasks.items() if n in streams},
                        global_batch={n: t.cfg.batch_size for n, t in tasks.items()}, weighting=weighting,
-                       optimizer=optimizer, scheduler=scheduler, grad_sync=GradSync(params=params, info=info, rows=rows),
+                       optimizer=optimizer, scheduler=scheduler, grad_sync=sync,
                        info=info, device=device, grad_clip=cfg.train.grad_clip, amp_dtype=amp,
                        channels_last=cfg.train.channels_last, sample_probs=_sample_probs(cfg), seed=cfg.train.seed,
                        groups=task_groups(plan, info=info, device=device), sync_bn=cfg.dist.sync_bn,
