@@ -179,6 +179,11 @@ class NoneGrads:
         regions = getattr(self.optimizer, "grad_regions", None)
         return None if regions is None else regions(param)
 
+    def share_used(self) -> None:
+        share = getattr(self.optimizer, "share_used", None)
+        if share is not None:
+            share()
+
     def step(self) -> None:
         self.optimizer.step()
 
