@@ -6,6 +6,7 @@ absolute times mean little.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import gc
 import json
@@ -27,6 +28,17 @@ def _cuda_wall() -> float:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
     return time.perf_counter()
+
+
+def bench_parser(name: str, doc: str | None, *, quick: str, config: bool = False) -> argparse.ArgumentParser:
+    """The parser of ``gppf bench <name>`` with the options every benchmark shares: ``--json``, ``--quick``
+    (``quick``: what it does) and, with ``config``, ``--config``."""
+    p = argparse.ArgumentParser(prog=f"gppf bench {name}", description=(doc or "").splitlines()[0])
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--quick", action="store_true", help=quick)
+    if config:
+        p.add_argument("--config", help="run config YAML (default: the built-in six-task recipe)")
+    return p
 
 
 CLOCKS: dict[str, Callable[[], float]] = {

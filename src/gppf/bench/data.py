@@ -16,7 +16,6 @@ For CIFAR-10 (many small JPEG files) and CamVid (480x360 JPEG + PNG label maps),
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -27,7 +26,7 @@ from typing import Any
 
 import torch
 
-from gppf.bench.common import emit, env_info, fixed_threads
+from gppf.bench.common import bench_parser, emit, env_info, fixed_threads
 
 DATASETS: dict[str, dict[str, Any]] = {
     "cifar10": {
@@ -163,9 +162,7 @@ def run_data_bench(*, quick: bool, workers: int, shard_mb: float, datasets: list
 
 def main_data(argv: list[str]) -> int:
     """CLI entry: ``gppf bench data [--json] [--quick] [--workers N] [--shard-size MB] [--datasets ...]``."""
-    p = argparse.ArgumentParser(prog="gppf bench data", description=__doc__.splitlines()[0])
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    p.add_argument("--quick", action="store_true", help="dataset subsets and few steps")
+    p = bench_parser("data", __doc__, quick="dataset subsets and few steps")
     p.add_argument("--workers", type=int, default=1, help="loader workers of the data-wait runs (default 1)")
     p.add_argument("--shard-size", type=float, default=64.0, metavar="MB")
     p.add_argument("--datasets", nargs="+", choices=list(DATASETS), default=list(DATASETS))

@@ -45,7 +45,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from gppf.bench.common import emit, env_info
+from gppf.bench.common import bench_parser, emit, env_info
 
 GOAL = 0.8
 PLANNERS = ("all", "groups", "auto")
@@ -247,10 +247,7 @@ def run_dist_bench(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="gppf bench dist", description=__doc__.splitlines()[0])
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    p.add_argument("--config", help="run config YAML (default: the built-in six-task recipe)")
-    p.add_argument("--quick", action="store_true", help="tiny smoke-test sizes and step counts")
+    p = bench_parser("dist", __doc__, quick="tiny smoke-test sizes and step counts", config=True)
     p.add_argument("--steps", type=int, help="timed steps per variant (default 20; quick 2)")
     p.add_argument("--warmup", type=int, help="untimed steps first (default 3; quick 1)")
     p.add_argument("--workers", type=int, default=0, help="loader workers per task and rank (default 0)")

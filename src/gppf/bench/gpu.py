@@ -16,7 +16,6 @@ Exit status 1 when a check that ran failed.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -30,7 +29,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
-from gppf.bench.common import emit, env_info
+from gppf.bench.common import bench_parser, emit, env_info
 
 CHECKS = ("cuda_tests", "bf16_simt_step", "bench_lego", "nccl_run")
 TESTS = Path(__file__).resolve().parents[3] / "tests"
@@ -172,9 +171,7 @@ def run_gpu_check(*, steps: int, quick: bool, skip: list[str]) -> dict[str, Any]
 
 def main_gpu(argv: list[str]) -> int:
     """CLI entry: ``gppf bench gpu [--json] [--quick] [--steps N] [--skip CHECK ...]``."""
-    p = argparse.ArgumentParser(prog="gppf bench gpu", description=__doc__.splitlines()[0])
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    p.add_argument("--quick", action="store_true", help="tiny sizes (smoke test of the script itself)")
+    p = bench_parser("gpu", __doc__, quick="tiny sizes (smoke test of the script itself)")
     p.add_argument("--steps", type=int, default=20, help="steps of the NCCL run (default 20)")
     p.add_argument("--skip", nargs="*", default=[], choices=CHECKS, help="checks to leave out")
     args = p.parse_args(argv)

@@ -50,7 +50,7 @@ from typing import Any
 
 import torch
 
-from gppf.bench.common import dtype_name, emit, env_info, fixed_threads, meets
+from gppf.bench.common import bench_parser, dtype_name, emit, env_info, fixed_threads, meets
 from gppf.engine.amp import resolve_amp
 
 REGIMES = ("r50_1task", "r50_6tasks", "r18_32px")
@@ -165,10 +165,8 @@ def run_processes(argv: list[str], processes: int) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="gppf bench lego", description=__doc__.splitlines()[0])
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p = bench_parser("lego", __doc__, quick="tiny smoke-test sizes (not a measurement)")
     p.add_argument("--regime", choices=[*REGIMES, "all"], default="all", help="which regime (default all)")
-    p.add_argument("--quick", action="store_true", help="tiny smoke-test sizes (not a measurement)")
     p.add_argument("--amp", choices=["auto", "bf16", "none"], default="auto",
                    help="autocast as train.amp (default auto: bf16 where the device computes it natively)")
     p.add_argument("--repeats", type=int, help="timed interleaved rounds (default 5 for R50, 15 for R18; quick 1)")

@@ -16,7 +16,6 @@ is higher at equal steps.
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 import time
@@ -25,7 +24,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from gppf.bench.common import emit
+from gppf.bench.common import bench_parser, emit
 from gppf.config import RunConfig, load_config
 
 VARIANTS = ("learned", "random", "hard", "disjoint")
@@ -147,9 +146,7 @@ def run_routing_bench(*, recipes: Sequence[str], seeds: Sequence[int], steps: in
 
 def main_routing(argv: list[str]) -> int:
     """CLI entry: ``gppf bench routing [--quick] [--json] [--recipes ...] [--seeds ...] [--steps N] [key=value ...]``."""
-    p = argparse.ArgumentParser(prog="gppf bench routing", description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help=f"{QUICK} (about 10 min on 2 CPU cores)")
-    p.add_argument("--json", action="store_true")
+    p = bench_parser("routing", __doc__, quick=f"{QUICK} (about 10 min on 2 CPU cores)")
     p.add_argument("--recipes", nargs="+", help="packaged recipe names or config paths")
     p.add_argument("--seeds", nargs="+", type=int)
     p.add_argument("--steps", type=int, help="override train.steps of every recipe")

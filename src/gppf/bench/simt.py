@@ -46,6 +46,7 @@ import torch
 from gppf.bench.common import (
     Repeat,
     Stepper,
+    bench_parser,
     emit,
     env_info,
     fixed_threads,
@@ -326,10 +327,7 @@ def meets_goals(values: dict[str, float]) -> dict[str, bool]:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="gppf bench simt", description=__doc__.splitlines()[0])
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    p.add_argument("--config", help="run config YAML (default: the built-in six-task recipe)")
-    p.add_argument("--quick", action="store_true", help="tiny smoke-test sizes and step counts")
+    p = bench_parser("simt", __doc__, quick="tiny smoke-test sizes and step counts", config=True)
     p.add_argument("--repeats", type=int, help="timed interleaved rounds (default 7; quick 2)")
     p.add_argument("--warmup", type=int, help="untimed rounds first (default 2; quick 1)")
     p.add_argument("--threads", type=int, help="torch intra-op threads = train.threads (default: the config's)")

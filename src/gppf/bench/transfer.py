@@ -18,7 +18,6 @@ short run (``pretrain_config``).
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
@@ -29,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from gppf.bench.common import bench_parser
 from gppf.config import RunConfig, load_config, to_dict
 
 __all__ = ["DOWNSTREAM", "bench_transfer", "downstream_tasks", "main_transfer", "pretrain_config", "spearman"]
@@ -240,10 +240,8 @@ def _cell(run: dict[str, Any] | None) -> str:
 
 def main_transfer(argv: list[str]) -> int:
     """CLI entry: ``gppf bench transfer [--quick] [--from RUN] [--json] [--tasks ...] [--steps N] ...``."""
-    p = argparse.ArgumentParser(prog="gppf bench transfer", description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help=f"{QUICK}")
+    p = bench_parser("transfer", __doc__, quick=f"{QUICK}")
     p.add_argument("--from", dest="source", metavar="RUN", help="pre-trained run (default: pre-train one first)")
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--tasks", nargs="+", help=f"downstream tasks among {', '.join(DOWNSTREAM)}")
     p.add_argument("--steps", type=int, help="fine-tuning steps of every variant")
     p.add_argument("--pretrain-steps", type=int, dest="pretrain_steps")
