@@ -33,7 +33,7 @@ def _cuda_wall() -> float:
 def bench_parser(name: str, doc: str | None, *, quick: str, config: bool = False) -> argparse.ArgumentParser:
     """The parser of ``gppf bench <name>`` with the options every benchmark shares: ``--json``, ``--quick``
     (``quick``: what it does) and, with ``config``, ``--config``."""
-    p = argparse.ArgumentParser(prog=f"gppf bench {name}", description=(doc or "").splitlines()[0])
+    p = argparse.ArgumentParser(prog=f"gppf bench {name}", description=(doc or "").split("\n")[0])
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--quick", action="store_true", help=quick)
     if config:
