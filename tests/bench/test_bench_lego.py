@@ -85,17 +85,20 @@ def test_bench_lego_quick_json_every_regime(capsys):
     assert result["regimes"]["r50_6tasks"]["config"]["task_names"] == default_recipe_tasks()
     assert result["regimes"]["r50_1task"]["config"]["tasks"] == 1
     small = result["regimes"]["r18_32px"]
-    assert set(small["median_step_s"]) == {"hard_sharing", "learned", "fixed", "shared_route"}
-    assert small["shared_route_vs_hard_sharing_step"] == pytest.approx(
-        small["median_step_s"]["shared_route"] / small["median_step_s"]["hard_sharing"])
+    med = small["median_step_s"]
+    assert set(med) == {"hard_sharing", "learned", "fixed", "shared_route", "hard_sharing_control"}
+    base = (med["hard_sharing"] + med["hard_sharing_control"]) / 2  # both hard-sharing instances
+    assert small["shared_route_vs_hard_sharing_step"] == pytest.approx(med["shared_route"] / base)
+    assert small["control_vs_hard_sharing_step"] == pytest.approx(med["hard_sharing_control"] / med["hard_sharing"])
+    assert set(small["updated_parameters"]) == set(small["grad_pass_s"]) == set(med) - {"hard_sharing_control"}
     upd = small["updated_parameters"]
     # one shared route updates what hard sharing updates (the same active width); two distinct routes
     # (quick: N=4, k=2, legos {0, 1} and {2, 3}) update every lego, twice the lego parameters
     assert upd["shared_route"] == pytest.approx(upd["hard_sharing"], rel=0.02)
     assert upd["fixed"] > 1.5 * upd["shared_route"]
     assert upd["hard_sharing"] <= small["parameters"]["hard_sharing"]
-    assert small["learned_vs_hard_sharing_step"] == pytest.approx(
-        small["median_step_s"]["learned"] / small["median_step_s"]["hard_sharing"])
+    assert small["learned_vs_hard_sharing_step"] == pytest.approx(med["learned"] / base)
+    assert small["fixed_vs_hard_sharing_step"] == pytest.approx(med["fixed"] / base)
     assert small["skipped_steps"] == 0 and small["config"]["tasks"] >= 2
     p = small["parameters"]
     assert p["learned"] == p["fixed"] > p["hard_sharing"]  # N=4 legos stored vs N=k=2
@@ -126,6 +129,7 @@ def test_processes_combine_to_the_median_of_each_ratio_with_every_value() -> Non
     assert out["meets_goals"] == {key: True, n_key: False, mem: True}
     assert out["per_process"][key] == [1.10, 1.02, 1.04] and out["spread"][key] == [1.02, 1.10]
     assert out["config"]["processes"] == 3 and len(out["processes"]) == 3
+    assert out["controls_per_process"] == {}  # (no regime with an A/A control ran)
 
 
 def test_processes_flag_is_not_passed_on() -> None:
@@ -143,3 +147,7 @@ def test_bench_lego_in_two_fresh_processes(capsys) -> None:
     assert result[key] == pytest.approx(sum(values) / 2)  # the median of two
     assert [p["r18_32px"][key.split("/")[1]] for p in result["processes"]] == values
     assert result["config"]["processes"] == 2 and result["config"]["quick"] is True
+    control = "r18_32px/control_vs_hard_sharing_step"  # each process's A/A ratio, reported, not a goal
+    assert result["controls_per_process"][control] == [p["r18_32px"][control.split("/")[1]]
+                                                       for p in result["processes"]]
+    assert control not in result["goals"]

@@ -16,7 +16,9 @@
   routing machinery at hard sharing's parameter volume, so the two figures separate what routing
   costs from what the larger union of distinct routes costs (``updated_parameters`` per step). Learned
   routes start from fresh logits with the engine's default learning rates; ``learned_route_churn``
-  is the fraction of their routing points that change per step (each change is a catch-up).
+  is the fraction of their routing points that change per step (each change is a catch-up). Hard
+  sharing runs as two independently built instances: their mean is the baseline, and their ratio
+  (``control_vs_hard_sharing_step``, A/A, ideally 1) is the resolution of the process's ratios.
 
 Ratios (goals are upper bounds): ``<regime>/routed_vs_dense_step`` (median step time, routed N large /
 best dense), ``<regime>/routed_n_large_vs_small_step`` (routed N large / routed N small, same k),
@@ -62,6 +64,9 @@ GOALS: dict[str, dict[str, float]] = {
     "r18_32px": {"learned_vs_hard_sharing_step": 1.05, "fixed_vs_hard_sharing_step": 1.05,
                  "learned_vs_hard_sharing_act_mem": 1.10},
 }
+# A/A ratios of two identical baseline instances in one process (not goals: how far apart the same model
+# times in that process)
+CONTROLS: dict[str, str] = {"r18_32px": "control_vs_hard_sharing_step"}
 COMMON: dict[str, Any] = dict(repeats=None, warmup=2, threads=1)
 # timed rounds per regime unless --repeats says: more where a step is short (an R18 32 px step takes
 # ~0.4 s, an R50 one 3-6 s), as one shared machine's step times spread by +-10%
@@ -135,10 +140,13 @@ def combine_processes(runs: list[dict[str, Any]]) -> dict[str, Any]:
     goals: dict[str, float] = runs[0]["goals"]
     per_process = {key: [run[key] for run in runs] for key in goals}
     values = {key: statistics.median(v) for key, v in per_process.items()}
+    controls = {f"{name}/{key}": [run["regimes"][name][key] for run in runs]  # A/A: each process's resolution
+                for name, key in CONTROLS.items() if name in runs[0]["regimes"]}
     return {
         "bench": "lego",
         **values,
         "per_process": per_process,
+        "controls_per_process": controls,
         "spread": {key: [min(v), max(v)] for key, v in per_process.items()},
         "goals": goals,
         "meets_goals": meets(values, goals),

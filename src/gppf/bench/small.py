@@ -17,6 +17,12 @@ fixed random batch each (data loading excluded), stepped interleaved:
   routes: twice the parameters to gather, accumulate, update and zero); this variant separates what
   routing itself costs from what owning more parameters costs.
 
+and ``hard_sharing_control``: a second hard-sharing step built the same way (same seed and weights, its
+own memory), stepped in the same rounds. Two identical models in one process differ in step time on a
+shared machine (where their memory landed: up to ~7% on this project's CPU machines), so
+``control_vs_hard_sharing_step`` (A/A: ideally 1) is the resolution of the process's ratios, and the
+baseline of every ``*_vs_hard_sharing_step`` ratio is the mean of the two instances' median steps.
+
 ``learned_route_churn`` is the median fraction of (task, routing point) routes of ``learned`` that
 change from one timed step to the next (routes from fresh logits, the router's learning rate the
 engine's default): each change makes ``LegoSGD`` catch up the legos that come back.
@@ -51,6 +57,7 @@ from gppf.lego.optim import LegoSGD, RowMasks
 from gppf.lego.router import route_churn
 
 VARIANTS = ("hard_sharing", "learned", "fixed", "shared_route")
+CONTROL = "hard_sharing_control"  # a second hard-sharing instance: the A/A control of the baseline
 SMALL_DEFAULTS: dict[str, Any] = dict(tasks=2, batch=64, image_size=32, legos=8, active=2, classes=10)
 SMALL_QUICK: dict[str, Any] = dict(tasks=2, batch=4, image_size=32, legos=4, active=2, classes=10)
 SGD_KERNELS: dict[str, dict[str, bool | None]] = {  # LegoSGD's kernel; "default": torch's choice (the fused kernel is what the trainer uses)
@@ -217,10 +224,10 @@ def run_small_regime(*, tasks: int, batch: int, image_size: int, legos: int, act
                      repeats: int, warmup: int, sgd: str = "fused", clock: str = "wall",
                      device: str = "cpu", amp_dtype: torch.dtype | None = torch.bfloat16) -> dict[str, Any]:
     """Interleaved whole-SIMT-step times, step memory and gradient-pass times of the variants."""
-    steppers = {v: Stepper(build_step(v, tasks=tasks, batch=batch, image_size=image_size, legos=legos,
-                                      active=active, classes=classes, sgd=sgd, clock=clock, device=device,
-                                      amp_dtype=amp_dtype))
-                for v in VARIANTS}
+    steppers = {v: Stepper(build_step(v.removesuffix("_control"), tasks=tasks, batch=batch, image_size=image_size,
+                                      legos=legos, active=active, classes=classes, sgd=sgd, clock=clock,
+                                      device=device, amp_dtype=amp_dtype))
+                for v in (*VARIANTS, CONTROL)}
     router = steppers["learned"].step_fn.model.backbone.router
     seen: list[dict[str, list[list[int]]]] = []  # the learned routes before each step (untimed)
     samples = interleaved_times(steppers, repeats=repeats, warmup=warmup, clock=CLOCKS[clock],
@@ -228,15 +235,18 @@ def run_small_regime(*, tasks: int, batch: int, image_size: int, legos: int, act
     seen.append(router.routes())
     churn = [route_churn(a, b) for a, b in zip(seen[warmup:], seen[warmup + 1:])]
     med = medians(samples)
+    base = (med["hard_sharing"] + med[CONTROL]) / 2  # the baseline: both hard-sharing instances
+    steppers.pop(CONTROL)  # (only its step times are reported)
     optimizer_s = {v: s.step_fn.optimizer.medians(repeats) for v, s in steppers.items()}
     updated = {v: int(statistics.median(s.step_fn.optimizer.updated[-repeats:])) for v, s in steppers.items()}
     mem = {v: peak_alloc_bytes(s, device=device) for v, s in steppers.items()}
     passes = {v: grad_pass_times(s, repeats=max(3, repeats), clock=CLOCKS[clock]) for v, s in steppers.items()}
     params = {v: sum(p.numel() for p in s.step_fn.model.parameters()) for v, s in steppers.items()}
     return {
-        "learned_vs_hard_sharing_step": ratio(med["learned"], med["hard_sharing"]),
-        "fixed_vs_hard_sharing_step": ratio(med["fixed"], med["hard_sharing"]),
-        "shared_route_vs_hard_sharing_step": ratio(med["shared_route"], med["hard_sharing"]),
+        "learned_vs_hard_sharing_step": ratio(med["learned"], base),
+        "fixed_vs_hard_sharing_step": ratio(med["fixed"], base),
+        "shared_route_vs_hard_sharing_step": ratio(med["shared_route"], base),
+        "control_vs_hard_sharing_step": ratio(med[CONTROL], med["hard_sharing"]),
         "learned_vs_hard_sharing_act_mem": ratio(mem["learned"], mem["hard_sharing"]),
         "median_step_s": med,
         "step_samples_s": samples,
