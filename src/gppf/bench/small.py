@@ -15,13 +15,12 @@ fixed random batch each (data loading excluded), stepped interleaved:
   machinery (gathers, in-place gradient accumulation, row-restricted optimizer passes) at the
   parameter volume of hard sharing. Distinct routes use more legos per step (two tasks on disjoint
   routes: twice the parameters to gather, accumulate, update and zero); this variant separates what
-  routing itself costs from what owning more parameters costs.
-
-and ``hard_sharing_control``: a second hard-sharing step built the same way (same seed and weights, its
-own memory), stepped in the same rounds. Two identical models in one process differ in step time on a
-shared machine (where their memory landed: up to ~7% on this project's CPU machines), so
-``control_vs_hard_sharing_step`` (A/A: ideally 1) is the resolution of the process's ratios, and the
-baseline of every ``*_vs_hard_sharing_step`` ratio is the mean of the two instances' median steps.
+  routing itself costs from what owning more parameters costs;
+* ``hard_sharing_control``: a second hard-sharing step built the same way (same seed and weights, its
+  own memory). Two identical models in one process differ in step time on a shared machine (where
+  their memory landed: up to ~7% on this project's CPU machines), so ``control_vs_hard_sharing_step``
+  (A/A: ideally 1) is the resolution of the process's ratios, and the baseline of every
+  ``*_vs_hard_sharing_step`` ratio is the mean of the two instances' median steps.
 
 ``learned_route_churn`` is the median fraction of (task, routing point) routes of ``learned`` that
 change from one timed step to the next (routes from fresh logits, the router's learning rate the
